@@ -1,0 +1,41 @@
+# prebake: `make convert` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL  ?=
+OUT    ?= $(if $(MODEL),$(basename $(MODEL:/=))-baked,build/demo-baked)
+ARGS   ?=
+
+.PHONY: convert test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+## convert MODEL=path [OUT=path] [ARGS="--dtype bfloat16 ..."]: bake a checkpoint (a demo one if no MODEL)
+convert: $(STAMP)
+ifeq ($(MODEL),)
+	$(BIN)/python -m prebake.convert.demo build/demo
+	$(BIN)/prebake convert build/demo $(OUT) $(ARGS)
+else
+	$(BIN)/prebake convert "$(MODEL)" "$(OUT)" $(ARGS)
+endif
+	$(BIN)/prebake inspect "$(OUT)"
+
+## test: the default test run (benchmarks excluded)
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+## bench: the benchmarks, each printing ratios against its peer measured in the same run
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,157 @@
+"""The manifest: the one description of a bake that the run-time side needs.
+
+``OUT/manifest.json`` is written last and atomically. Schema (version 1)::
+
+    {
+      "format": "prebake", "version": 1, "prebake_version": "0.1.0", "created": "<UTC ISO time>",
+      "checksum": "xxh3_128",
+      "source": {"path": ..., "format": "torch-zip" | "torch-legacy" | "safetensors" | "gguf" | "hf-folder",
+                 "files": [{"path", "size", "mtime_ns", "fingerprint"}], "fingerprint": "<hex>"},
+      "options": {"shard_size", "align", "dtype"},
+      "shards": [{"file", "size", "data_offset"}],
+      "tensors": {name: {"dtype", "shape", "shard", "offset", "nbytes", "checksum", "source_dtype"?}},
+      "aliases": {name: {"target", "storage_offset", "shape", "strides"}},
+      "padding": [names of padding entries, which loaders skip],
+      "files": [{"path", "size", "checksum"}],          # config.json, tokenizer, ... copied as they are
+      "skipped": [{"name", "kind"}],                    # non-tensor leaves of pickled checkpoints
+      "metadata": {...}                                 # e.g. GGUF key-value metadata
+    }
+
+``offset`` is the absolute byte offset of the tensor in its shard file; ``tensors`` is in
+layout (execution) order. Later versions add keys (quantized blobs, variants, components);
+readers ignore keys they do not know and refuse a newer major ``version``.
+
+Why xxh3-128: verification should run at disk speed. XXH3 hashes at tens of GB/s on one core,
+far above any disk, and 128 bits make an accidental match impossible in practice. The checksum
+guards against corruption (bit rot, truncated copies), not tampering, so a cryptographic hash
+(BLAKE3, ~1-3 GB/s per core) would only slow verification down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prebake.formats.errors import ManifestError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "prebake"
+VERSION = 1
+CHECKSUM = "xxh3_128"
+
+
+@dataclass(slots=True)
+class TensorEntry:
+    dtype: str
+    shape: list[int]
+    shard: int
+    offset: int
+    nbytes: int
+    checksum: str
+    source_dtype: str | None = None
+
+
+@dataclass(slots=True)
+class AliasEntry:
+    target: str
+    storage_offset: int
+    shape: list[int]
+    strides: list[int]
+
+
+@dataclass(slots=True)
+class ShardEntry:
+    file: str
+    size: int
+    data_offset: int
+
+
+@dataclass(slots=True)
+class FileEntry:
+    path: str
+    size: int
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    source: dict
+    options: dict
+    shards: list[ShardEntry]
+    tensors: dict[str, TensorEntry]
+    aliases: dict[str, AliasEntry] = field(default_factory=dict)
+    padding: list[str] = field(default_factory=list)
+    files: list[FileEntry] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    prebake_version: str = "0.1.0"
+    created: str = ""
+    checksum: str = CHECKSUM
+    root: Path | None = None  # the folder the manifest was read from; not serialized
+
+    def to_json(self) -> str:
+        d = {"format": FORMAT, "version": VERSION, "prebake_version": self.prebake_version,
+             "created": self.created, "checksum": self.checksum, "source": self.source,
+             "options": self.options, "shards": [asdict(s) for s in self.shards],
+             "tensors": {k: _compact(asdict(v)) for k, v in self.tensors.items()},
+             "aliases": {k: asdict(v) for k, v in self.aliases.items()},
+             "padding": self.padding, "files": [asdict(f) for f in self.files],
+             "skipped": self.skipped, "metadata": self.metadata}
+        return json.dumps(d, indent=1)
+
+    def shard_path(self, index: int) -> Path:
+        return self.root / self.shards[index].file
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _compact(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """``path`` may be a bake folder or its manifest file."""
+    p = Path(path)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def is_bake(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a finished bake (a manifest of ours)."""
+    try:
+        with open(Path(folder) / MANIFEST_NAME) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Reads and checks a manifest; ``path`` is the bake folder or its ``manifest.json``."""
+    mp = manifest_path(path)
+    try:
+        with open(mp) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ManifestError("no manifest.json here: is this a prebake output folder?", mp) from None
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot read manifest ({e})", mp) from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ManifestError("not a prebake manifest", mp)
+    if not isinstance(d.get("version"), int) or d["version"] > VERSION:
+        raise ManifestError(f"manifest version {d.get('version')} is newer than this prebake "
+                            f"understands ({VERSION}); upgrade prebake", mp)
+    try:
+        return Manifest(
+            source=d["source"], options=d["options"],
+            shards=[ShardEntry(**s) for s in d["shards"]],
+            tensors={k: TensorEntry(**v) for k, v in d["tensors"].items()},
+            aliases={k: AliasEntry(**v) for k, v in d.get("aliases", {}).items()},
+            padding=d.get("padding", []), files=[FileEntry(**f) for f in d.get("files", [])],
+            skipped=d.get("skipped", []), metadata=d.get("metadata", {}),
+            prebake_version=d.get("prebake_version", ""), created=d.get("created", ""),
+            checksum=d.get("checksum", CHECKSUM), root=mp.parent)
+    except (KeyError, TypeError) as e:
+        raise ManifestError(f"malformed manifest ({type(e).__name__}: {e})", mp) from None

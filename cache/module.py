@@ -1,0 +1,54 @@
+"""Building an ``nn.Module`` straight onto a bake's memory maps, skipping random initialisation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+from prebake.cache.load import Names, load_from_manifest
+from torch import nn
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Creates parameters on the meta device (no memory, no init); buffers stay real.
+
+    Buffers stay on the CPU because models compute non-persistent ones (rotary frequencies,
+    position ids) in ``__init__`` and a state dict does not carry them.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, strict: bool = True,
+                names: Names = None) -> nn.Module:
+    """``factory()`` builds the model with parameters on meta; the bake's tensors are assigned in.
+
+    No parameter is initialised or copied: each one is a view of the bake's memory maps.
+    Raises ``RuntimeError`` (from ``load_state_dict``) for missing or unexpected keys when
+    ``strict``, and ``ValueError`` if a parameter is still unset afterwards.
+
+    >>> model = load_module(lambda: LlamaForCausalLM(config), "baked/")   # doctest: +SKIP
+    """
+    with params_on_meta():
+        module = factory()
+    state = load_from_manifest(path, names=names)
+    module.load_state_dict(state, strict=strict, assign=True)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    unset = [n for n, p in module.named_parameters() if p.is_meta]
+    if unset:
+        raise ValueError(f"the bake has no tensor for {unset[:5]} ({len(unset)} parameters unset)")
+    return module

@@ -1,0 +1,179 @@
+"""The ``prebake`` command line: ``convert``, ``inspect``, ``verify``.
+
+Every command takes ``--json`` for scripts. Errors are one line on stderr naming the file and
+the problem, with a non-zero exit; only a bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from prebake.formats.errors import PrebakeError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"2GiB"`` -> 2147483648; ``"500MB"`` -> 500000000; plain numbers are bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB, 500MB or a byte count)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prebake", description=(
+        "Bake model checkpoints once into aligned, mmap-friendly safetensors shards plus a "
+        "manifest, so every later load is a zero-copy memory map."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="bake a checkpoint (file or model folder) into OUT",
+                       description="Convert a PyTorch .bin/.pth/.pt (zip or legacy), safetensors or GGUF "
+                       "checkpoint, or a Hugging Face model folder, into aligned safetensors shards and "
+                       "a manifest. No code from the checkpoint is ever run.")
+    c.add_argument("src", help="checkpoint file or model folder")
+    c.add_argument("out", help="output folder (created; replaced only if it holds a bake, or with --force)")
+    c.add_argument("--shard-size", type=parse_size, default="2GiB", help="largest shard (default 2GiB)")
+    c.add_argument("--align", type=int, default=4096,
+                   help="byte alignment of tensors of 1 MiB or more (default 4096)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="cast floating tensors (and dequantized GGUF tensors; default float16 for those)")
+    c.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
+    c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    _common(c)
+
+    i = sub.add_parser("inspect", help="describe a bake", description="Summarise a bake: source, "
+                       "shards, tensors, dtypes, aliases.")
+    i.add_argument("out", help="bake folder or its manifest.json")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    _common(i)
+
+    v = sub.add_parser("verify", help="re-check every checksum of a bake",
+                       description="Recompute every tensor's and copied file's checksum; report the first "
+                       "mismatch by name.")
+    v.add_argument("out", help="bake folder or its manifest.json")
+    _common(v)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON result on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except PrebakeError as e:
+        return _fail(args, str(e), e.exit_code)
+    except ValueError as e:
+        return _fail(args, str(e), 2)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted; nothing was written", 130)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def _fail(args, message: str, code: int) -> int:
+    print(f"prebake: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}))
+    return code
+
+
+def _progress(args, desc: str):
+    def factory(total: int):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                   disable=True if args.quiet or args.json else None, file=sys.stderr, leave=False)
+        return bar.update
+    return factory
+
+
+def cmd_convert(args) -> dict:
+    from prebake.convert.bake import convert
+    from prebake.convert.plan import DTYPE_NAMES, Options
+
+    options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None)
+    if args.dry_run:
+        from prebake.convert.plan import plan_bake
+        from prebake.convert.sources import open_source
+
+        source = open_source(args.src)
+        summary = plan_bake(source.tensors, options, source.skipped).summary()
+        if not args.json:
+            print(json.dumps(summary, indent=1))
+        return summary
+    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"))
+    result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "aliases": len(m.aliases),
+              "shards": len(m.shards), "bytes": m.total_bytes, "files": [f.path for f in m.files],
+              "skipped": m.skipped}
+    if not args.json:
+        print(f"baked {len(m.tensors)} tensors ({_human(m.total_bytes)}) into {len(m.shards)} shard(s) "
+              f"at {args.out}" + (f"; {len(m.aliases)} aliases" if m.aliases else ""))
+        for s in m.skipped:
+            print(f"  skipped non-tensor {s['name']} ({s['kind']})")
+    return result
+
+
+def cmd_inspect(args) -> dict:
+    from prebake.cache.manifest import read_manifest
+
+    m = read_manifest(args.out)
+    dtypes: dict[str, int] = {}
+    for t in m.tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
+    info = {"source": m.source["path"], "format": m.source["format"], "created": m.created,
+            "tensors": len(m.tensors), "bytes": m.total_bytes, "dtypes": dtypes,
+            "shards": [{"file": s.file, "bytes": s.size} for s in m.shards],
+            "aliases": {k: a.target for k, a in m.aliases.items()}, "padding_entries": len(m.padding),
+            "files": [f.path for f in m.files], "skipped": m.skipped, "options": m.options}
+    if args.tensors:
+        info["tensor_list"] = {k: {"dtype": t.dtype, "shape": t.shape, "shard": t.shard, "offset": t.offset}
+                               for k, t in m.tensors.items()}
+    if not args.json:
+        print(f"{args.out}: {info['tensors']} tensors, {_human(info['bytes'])} from {info['source']} "
+              f"({info['format']}), made {info['created']}")
+        print("  dtypes: " + ", ".join(f"{k} {_human(v)}" for k, v in dtypes.items()))
+        for s in info["shards"]:
+            print(f"  {s['file']}  {_human(s['bytes'])}")
+        for k, v in info["aliases"].items():
+            print(f"  alias {k} -> {v}")
+        if info["files"]:
+            print("  files: " + ", ".join(info["files"]))
+        for k, t in info.get("tensor_list", {}).items():
+            print(f"  {k}  {t['dtype']} {t['shape']}  shard {t['shard']} @ {t['offset']}")
+    return info
+
+
+def cmd_verify(args) -> dict:
+    from prebake.cache.manifest import read_manifest
+    from prebake.cache.verify import verify
+
+    m = read_manifest(args.out)
+    report = verify(m, _progress(args, "verify")(m.total_bytes))
+    if not args.json:
+        print(f"ok: {report.tensors} tensors ({_human(report.bytes)}) and {report.files} files match")
+    return {"ok": True, "tensors": report.tensors, "files": report.files, "bytes": report.bytes}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify}
+
+if __name__ == "__main__":
+    sys.exit(main())

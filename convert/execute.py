@@ -1,0 +1,103 @@
+"""Applies a :class:`~prebake.convert.plan.BakePlan`: streams every tensor into its shard.
+
+One tensor at a time, one chunk at a time: each chunk is hashed and written, so resident
+memory stays within a chunk (plus one transformed tensor's rows) whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+from prebake.cache.manifest import FileEntry, ShardEntry, TensorEntry
+from prebake.convert.plan import BakePlan, ShardPlan
+from prebake.convert.transforms import chunks
+from prebake.formats.errors import FormatError, OutputError
+from prebake.formats.safetensors_writer import ShardWriter
+
+Progress = Callable[[int], None]
+
+
+def write_shards(plan: BakePlan, folder: Path, progress: Progress = lambda n: None) -> tuple[list[ShardEntry], dict[str, TensorEntry]]:
+    """Writes every shard of ``plan`` into ``folder``; returns their manifest entries."""
+    shards, tensors = [], {}
+    for index, shard in enumerate(plan.shards):
+        shards.append(ShardEntry(shard.file, shard.size, len(shard.header)))
+        tensors.update(_write_shard(index, shard, folder / shard.file, progress))
+    return shards, tensors
+
+
+def _write_shard(index: int, shard: ShardPlan, path: Path, progress: Progress) -> dict[str, TensorEntry]:
+    entries = {}
+    writer = _guard(lambda: ShardWriter(str(path), shard.header, shard.data_size), path)
+    try:
+        for slot in shard.slots:
+            if slot.is_padding:
+                _guard(lambda n=slot.nbytes: writer.write_zeros(n), path)
+                continue
+            p = shard.tensors[slot.name]
+            h = xxhash.xxh3_128()
+            for piece in _read_guard(p, path):
+                h.update(piece)
+                _guard(lambda b=piece: writer.write(b), path)
+                progress(len(piece))
+            entries[p.name] = TensorEntry(p.dtype, list(p.source.shape), index, len(shard.header) + slot.offset,
+                                          slot.nbytes, h.hexdigest(),
+                                          None if p.transform == "copy" else p.source.dtype)
+        _guard(writer.close, path)
+    except BaseException:
+        writer.abort() if writer.fd >= 0 else None
+        raise
+    return entries
+
+
+def _read_guard(p, out: Path):
+    """The chunks of ``p``; a source that turns out unreadable mid-way is named as the culprit."""
+    try:
+        yield from chunks(p)
+    except (ValueError, OSError) as e:
+        raise FormatError(f"cannot read tensor {p.name!r} ({type(e).__name__}: {e})", p.source.path) from None
+
+
+def _guard(fn, path: Path):
+    try:
+        return fn()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputError(f"disk full while writing ({e.strerror}); free space and convert again",
+                              path) from None
+        raise OutputError(f"cannot write ({e.strerror})", path) from None
+
+
+def copy_files(paths: list[Path], folder: Path) -> list[FileEntry]:
+    """Copies the model folder's small files (config, tokenizer) and records their checksums."""
+    entries = []
+    for p in paths:
+        dst = folder / p.name
+        _guard(lambda p=p, dst=dst: shutil.copyfile(p, dst), dst)
+        h = xxhash.xxh3_128()
+        with open(dst, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        entries.append(FileEntry(p.name, dst.stat().st_size, h.hexdigest()))
+    return entries
+
+
+def write_json(path: Path, obj_or_text) -> None:
+    """Writes JSON through a temporary name and a rename, durable before the rename."""
+    text = obj_or_text if isinstance(obj_or_text, str) else json.dumps(obj_or_text, indent=1)
+    tmp = path.with_name(path.name + ".tmp")
+
+    def write():
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    _guard(write, path)

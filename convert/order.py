@@ -1,0 +1,46 @@
+"""Execution order: embeddings, layer 0, layer 1, ..., final norm, head.
+
+Laying tensors out in this order makes a sequential read of the shards the order a forward
+pass touches them, so readahead and prefetch serve the model as it runs.
+"""
+
+from __future__ import annotations
+
+import re
+
+# The first numeric path component names the layer: model.layers.3., transformer.h.3., blk.3.,
+# encoder.layer.3., decoder.block.3., double_blocks.3. ... The text before it names the stack.
+_NUMBER = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
+_EMBEDDING = re.compile(r"embed|wte\b|wpe\b|token_embd|word_embeddings|position_embeddings|^shared\.")
+_HEAD = re.compile(r"(^|\.)(lm_head|output|classifier|score|cls|qa_outputs)(\.|$)")
+
+
+def layer_of(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """``("model.layers", (3,))`` for ``model.layers.3.mlp.experts.1.w1`` ... the stack and its numbers.
+
+    All numeric components are returned (layer first, then e.g. the expert), None for tensors
+    outside any numbered stack.
+    """
+    first = _NUMBER.search(name)
+    if first is None:
+        return None
+    numbers = tuple(int(m.group(1)) for m in _NUMBER.finditer(name))
+    return name[:first.start()], numbers
+
+
+def execution_order(names: list[str]) -> list[str]:
+    """Sorts tensor names into execution order; ties keep the source order."""
+    stacks: dict[str, int] = {}
+    keys = {}
+    for index, name in enumerate(names):
+        layer = layer_of(name)
+        if layer is not None:
+            stack = stacks.setdefault(layer[0], len(stacks))
+            keys[name] = (1, stack, layer[1], index)
+        elif _EMBEDDING.search(name):
+            keys[name] = (0, 0, (), index)
+        elif _HEAD.search(name):
+            keys[name] = (3, 0, (), index)
+        else:
+            keys[name] = (2, 0, (), index)
+    return sorted(names, key=keys.__getitem__)

@@ -1,0 +1,178 @@
+"""The bake plan: which tensor goes to which shard, at which offset, in what form.
+
+The plan is plain data computed from tensor descriptions alone, before any byte moves (see
+:func:`plan_bake`); :mod:`prebake.convert.execute` applies it. A plan can be printed, tested
+and diffed without touching the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prebake.convert.order import execution_order
+from prebake.formats.errors import FormatError
+from prebake.formats.safetensors_writer import Slot, header_bytes, place
+from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo
+
+GIB = 1 << 30
+DTYPE_NAMES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
+               "bfloat16": "BF16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for; part of the manifest, so a bake says how it was made."""
+
+    shard_size: int = 2 * GIB
+    align: int = 4096
+    dtype: str | None = None  # cast floating tensors to this safetensors code
+
+    def __post_init__(self):
+        if self.align < 8 or self.align & (self.align - 1):
+            raise ValueError(f"--align must be a power of two >= 8, not {self.align}")
+        if self.shard_size < 1:
+            raise ValueError("--shard-size must be positive")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A tensor to write: where its bytes come from and how they are transformed."""
+
+    name: str
+    source: TensorInfo = field(repr=False)
+    dtype: str  # as stored in the bake
+    transform: str  # "copy", "cast" or "dequantize"
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A tensor that is a view of a stored one (tied weights, slices): stored once, mapped twice."""
+
+    name: str
+    target: str
+    storage_offset: int  # elements from the target's first element
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+@dataclass
+class ShardPlan:
+    file: str
+    slots: list[Slot]
+    tensors: dict[str, Planned]
+    header: bytes = b""
+
+    @property
+    def data_size(self) -> int:
+        return self.slots[-1].offset + self.slots[-1].nbytes if self.slots else 0
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_size
+
+
+@dataclass
+class BakePlan:
+    shards: list[ShardPlan]
+    aliases: list[Alias]
+    skipped: list[SkippedLeaf]
+    options: Options
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_size for s in self.shards)
+
+    def summary(self) -> dict:
+        """A JSON-ready description of the plan (what `--dry-run` prints)."""
+        return {
+            "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors),
+                        "padding": sum(x.is_padding for x in s.slots)} for s in self.shards],
+            "aliases": {a.name: a.target for a in self.aliases},
+            "transforms": {p.name: f"{p.source.dtype}->{p.dtype}" for s in self.shards
+                           for p in s.tensors.values() if p.transform != "copy"},
+        }
+
+
+def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[SkippedLeaf] = ()) -> BakePlan:
+    """Plans a bake of ``tensors`` (from every source file, in file order)."""
+    by_name = _unique(tensors)
+    order = execution_order(list(by_name))
+    stored, aliases = find_aliases([by_name[n] for n in order])
+    planned = [_planned(t, options) for t in stored]
+    shards = _shard(planned, options)
+    return BakePlan(shards, aliases, list(skipped), options)
+
+
+def _unique(tensors: list[TensorInfo]) -> dict[str, TensorInfo]:
+    by_name: dict[str, TensorInfo] = {}
+    for t in tensors:
+        if t.name in by_name:
+            raise FormatError(f"tensor {t.name!r} appears in both {by_name[t.name].path} and {t.path}")
+        by_name[t.name] = t
+    return by_name
+
+
+def _planned(t: TensorInfo, options: Options) -> Planned:
+    if t.dtype not in DTYPE_SIZES:  # GGML blocks: dequantize
+        return Planned(t.name, t, options.dtype or "F16", "dequantize")
+    if options.dtype and t.dtype in FLOAT_DTYPES and t.dtype != options.dtype:
+        return Planned(t.name, t, options.dtype, "cast")
+    return Planned(t.name, t, t.dtype, "copy")
+
+
+def find_aliases(tensors: list[TensorInfo]) -> tuple[list[TensorInfo], list[Alias]]:
+    """Splits tensors into those to store and aliases of stored ones.
+
+    A tensor is an alias when its bytes lie inside a stored contiguous tensor of the same dtype
+    and storage (tied embeddings, slices, transposes). Wider tensors are considered first, so a
+    slice listed before its base still becomes the alias; ties go to the earlier name.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.storage is not None and t.numel:
+            groups.setdefault((t.path, t.storage.key, t.dtype), []).append(i)
+    target: dict[int, tuple[int, int]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        bases: list[int] = []
+        for i in sorted(members, key=lambda i: (tensors[i].storage.start - tensors[i].storage.end,
+                                               not tensors[i].storage.contiguous, i)):
+            ref = tensors[i].storage
+            base = next((b for b in bases if tensors[b].storage.start <= ref.start
+                         and ref.end <= tensors[b].storage.end), None)
+            if base is None:
+                if ref.contiguous:
+                    bases.append(i)
+                continue
+            itemsize = DTYPE_SIZES[tensors[i].dtype]
+            target[i] = (base, (ref.start - tensors[base].storage.start) // itemsize)
+    stored = [t for i, t in enumerate(tensors) if i not in target]
+    aliases = [Alias(tensors[i].name, tensors[b].name, off, tensors[i].shape, tensors[i].storage.strides)
+               for i, (b, off) in sorted(target.items())]
+    return stored, aliases
+
+
+def _shard(planned: list[Planned], options: Options) -> list[ShardPlan]:
+    groups: list[list[Planned]] = [[]]
+    size = 0
+    for p in planned:
+        if groups[-1] and size + p.nbytes > options.shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.nbytes
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        file = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        items = [(p.name, p.dtype, p.source.shape, p.nbytes, DTYPE_SIZES[p.dtype]) for p in group]
+        slots = place(items, options.align, i)
+        shard = ShardPlan(file, slots, {p.name: p for p in group})
+        shard.header = header_bytes(slots, {"format": "pt"}, options.align)
+        shards.append(shard)
+    return shards

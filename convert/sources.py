@@ -1,0 +1,163 @@
+"""Finding what a source path holds: one checkpoint file or a Hugging Face style folder.
+
+Formats are told by their first bytes, not their extension: a zip is a torch checkpoint, a
+pickle is a legacy torch checkpoint, ``GGUF`` is GGUF, an 8-byte length followed by ``{`` is
+safetensors. A folder is the model: its weight files are read (through an index when there is
+one) and its other files (config.json, tokenizer, ...) are copied to the bake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+from prebake.formats.errors import FormatError, UnsupportedError
+from prebake.formats.tensor import SourceFile
+
+WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".safetensors", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx"}
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Source:
+    """A checkpoint to bake: the files read, their tensors, and the small files to copy."""
+
+    path: str
+    format: str
+    files: list[SourceFile]
+    copy: list[Path] = field(default_factory=list)
+
+    @property
+    def tensors(self):
+        return [t for f in self.files for t in f.tensors]
+
+    @property
+    def skipped(self):
+        return [s for f in self.files for s in f.skipped]
+
+    @property
+    def metadata(self) -> dict:
+        out: dict = {}
+        for f in self.files:
+            out.update(f.metadata)
+        return out
+
+
+def sniff(path: str) -> str:
+    """The format of one checkpoint file from its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except IsADirectoryError:
+        raise FormatError("is a folder", path) from None
+    except OSError as e:
+        raise FormatError(f"cannot read ({e.strerror})", path) from None
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+        return "safetensors"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "torch-legacy"
+    if not head:
+        raise FormatError("file is empty", path)
+    raise UnsupportedError("not a recognised checkpoint (expected a torch .bin/.pth/.pt, .safetensors or "
+                           ".gguf file, or a Hugging Face model folder)", path)
+
+
+def read_file(path: str) -> SourceFile:
+    """Reads one checkpoint file with the reader its first bytes call for."""
+    kind = sniff(path)
+    if kind == "torch-zip":
+        from prebake.formats.torch_zip import read_torch_zip
+        return read_torch_zip(path)
+    if kind == "torch-legacy":
+        from prebake.formats.torch_legacy import read_torch_legacy
+        return read_torch_legacy(path)
+    if kind == "gguf":
+        from prebake.formats.gguf_reader import read_gguf
+        return read_gguf(path)
+    from prebake.formats.safetensors_reader import read_safetensors
+    return read_safetensors(path)
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Reads the descriptions of every tensor at ``path`` (a file or a model folder)."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError("no such file or folder", p)
+    if not p.is_dir():
+        f = read_file(str(p))
+        return Source(str(p), f.format, [f])
+    weights = weight_files(p)
+    files = [read_file(str(w)) for w in weights]
+    _check_index(p, files)
+    copy = sorted(c for c in p.iterdir() if c.is_file() and c.suffix not in WEIGHT_SUFFIXES
+                  and c.name not in INDEX_FILES and not c.name.startswith("."))
+    return Source(str(p), "hf-folder", files, copy)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder: from its index, else every file of the best format."""
+    for index in INDEX_FILES:
+        ip = folder / index
+        if ip.exists():
+            names = list(dict.fromkeys(_weight_map(ip).values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise FormatError(f"the index names {missing[0]}, which is not in the folder", ip)
+            return [folder / n for n in names]
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise FormatError("folder holds no checkpoint files (.safetensors, .bin, .pt, .pth, .gguf)", folder)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+        if not isinstance(wm, dict):
+            raise TypeError
+        return wm
+    except (ValueError, KeyError, TypeError):
+        raise FormatError("malformed index (expected a weight_map object)", index) from None
+
+
+def _check_index(folder: Path, files: list[SourceFile]) -> None:
+    for index in INDEX_FILES:
+        ip = folder / index
+        if ip.exists():
+            have = {t.name: Path(f.path).name for f in files for t in f.tensors}
+            for name, file in _weight_map(ip).items():
+                if have.get(name) != file:
+                    raise FormatError(f"the index places {name!r} in {file}, but it is not there", ip)
+            return
+
+
+def fingerprint(path: str | os.PathLike) -> dict:
+    """Size, mtime and a hash of the first and last MiB: cheap, and changes when the file does."""
+    st = os.stat(path)
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "fingerprint": h.hexdigest()}
+
+
+def describe_source(src: Source) -> dict:
+    """The manifest's ``source`` record."""
+    root = Path(src.path)
+    files = []
+    for f in src.files:
+        rel = os.path.relpath(f.path, root) if root.is_dir() else Path(f.path).name
+        files.append({"path": rel, **fingerprint(f.path)})
+    whole = xxhash.xxh3_128(json.dumps([(f["path"], f["size"], f["fingerprint"]) for f in files]).encode())
+    return {"path": str(root.resolve()), "format": src.format, "files": files, "fingerprint": whole.hexdigest()}

@@ -1,0 +1,60 @@
+"""Reader for safetensors files: an 8-byte header length, a JSON header, then the data buffer."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+
+from prebake.formats.errors import FormatError, UnsupportedError
+from prebake.formats.tensor import DTYPE_SIZES, SourceFile, StorageRef, TensorInfo, numel, raw_view
+
+MAX_HEADER = 100 * 1024 * 1024  # the limit the reference implementation enforces
+
+
+def read_header(path: str, f) -> tuple[int, dict]:
+    """Returns (data buffer start, header dict) of the open safetensors file ``f``, validated for size."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise FormatError("too short to be a safetensors file", path)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise FormatError(f"not a safetensors file or truncated (header of {n} bytes, file of {size})", path)
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"corrupt safetensors header ({e})", path) from None
+    if not isinstance(header, dict):
+        raise FormatError("corrupt safetensors header (not an object)", path)
+    return 8 + n, header
+
+
+def read_safetensors(path: str) -> SourceFile:
+    """Describes every tensor of a safetensors file; tensor bytes stay in one memory map."""
+    with open(path, "rb") as f:
+        start, header = read_header(path, f)
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = [_describe(name, entry, mm, start, size, path) for name, entry in header.items()]
+    tensors.sort(key=lambda t: t.storage.start)  # file order
+    return SourceFile(path, "safetensors", tensors, metadata={"safetensors": metadata})
+
+
+def _describe(name: str, entry, mm, start: int, size: int, path: str) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"corrupt header entry for tensor {name!r}", path) from None
+    if dtype not in DTYPE_SIZES:
+        raise UnsupportedError(f"tensor {name!r} has dtype {dtype}, which prebake does not support", path)
+    itemsize = DTYPE_SIZES[dtype]
+    nbytes = numel(shape) * itemsize
+    if not (0 <= begin <= end) or end - begin != nbytes or start + end > size:
+        raise FormatError(f"tensor {name!r} lies outside the file or has the wrong size (truncated?)", path)
+    def read(offset=start + begin):
+        return raw_view(mm, offset, shape, itemsize)
+
+    return TensorInfo(name, dtype, shape, nbytes, path, read, StorageRef(name, begin, end, True))

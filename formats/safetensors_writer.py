@@ -1,0 +1,104 @@
+"""The aligned safetensors layout: where each tensor goes, the header, and a file writer.
+
+A stock safetensors reader requires the data buffer to be covered exactly, with no holes and
+no trailing bytes, so alignment gaps become real ``U8`` padding entries with reserved names.
+The header itself is padded with spaces (which the format allows) so the data buffer starts on
+an ``align`` boundary; offsets aligned inside the buffer are then aligned in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+PAD_PREFIX = "__prebake_pad__"
+BIG_TENSOR = 1 << 20  # tensors this large or larger start on an `align` boundary
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One header entry: a tensor (or padding) at ``offset`` bytes into the data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def is_padding(self) -> bool:
+        return self.name.startswith(PAD_PREFIX)
+
+
+def pad_name(shard: int, index: int) -> str:
+    return f"{PAD_PREFIX}.{shard}.{index}"
+
+
+def is_padding(name: str) -> bool:
+    return name.startswith(PAD_PREFIX)
+
+
+def place(items: list[tuple[str, str, tuple[int, ...], int, int]], align: int, shard: int) -> list[Slot]:
+    """Lays out ``(name, dtype, shape, nbytes, itemsize)`` in order, inserting padding slots.
+
+    Tensors of ``BIG_TENSOR`` bytes or more start at a multiple of ``align``; every tensor
+    starts at a multiple of its item size.
+    """
+    slots: list[Slot] = []
+    pos = pads = 0
+    for name, dtype, shape, nbytes, itemsize in items:
+        boundary = align if nbytes >= BIG_TENSOR else itemsize
+        gap = -pos % boundary
+        if gap:
+            slots.append(Slot(pad_name(shard, pads), "U8", (gap,), pos, gap))
+            pads += 1
+            pos += gap
+        slots.append(Slot(name, dtype, shape, pos, nbytes))
+        pos += nbytes
+    return slots
+
+
+def header_bytes(slots: list[Slot], metadata: dict[str, str], align: int) -> bytes:
+    """The 8-byte length and JSON header, space-padded so the data starts at a multiple of ``align``."""
+    header: dict = {"__metadata__": metadata}
+    for s in slots:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [s.offset, s.offset + s.nbytes]}
+    body = json.dumps(header, separators=(",", ":")).encode()
+    total = 8 + len(body)
+    body += b" " * (-total % max(align, 8))
+    return struct.pack("<Q", len(body)) + body
+
+
+class ShardWriter:
+    """Writes one shard through an unbuffered file, checking it ends at the size the header promised."""
+
+    def __init__(self, path: str, header: bytes, data_size: int):
+        self.path = path
+        self.expected = len(header) + data_size
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0
+        self.write(header)
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.pos += n
+
+    def write_zeros(self, n: int) -> None:
+        self.write(bytes(n))
+
+    def close(self, sync: bool = True) -> None:
+        try:
+            if self.pos != self.expected:
+                raise RuntimeError(f"{self.path}: wrote {self.pos} bytes, header promised {self.expected}")
+            if sync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,111 @@
+"""The description every reader yields for a tensor, and the dtype table they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# safetensors dtype code -> bytes per element. The codes are the ones the safetensors format
+# defines; everything prebake stores uses them.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "C64": 8,
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def numpy_dtype(code: str) -> np.dtype:
+    """The numpy dtype for a safetensors code (BF16 and FP8 through ml_dtypes)."""
+    if code in ("BF16", "F8_E4M3", "F8_E5M2"):
+        import ml_dtypes
+
+        return np.dtype({"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+                         "F8_E5M2": ml_dtypes.float8_e5m2}[code])
+    return np.dtype({"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                     "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+                     "U8": "u1", "BOOL": "?", "C64": "<c8"}[code])
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """Where a tensor's bytes sit inside a storage that other tensors may share (torch pickles).
+
+    ``key`` names the storage within its file; ``start``/``end`` bound the bytes this tensor
+    reads; ``contiguous`` says whether those bytes are exactly the tensor, in order.
+    ``strides`` are in elements, as torch records them.
+    """
+
+    key: str
+    start: int
+    end: int
+    contiguous: bool
+    strides: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as a source file stores it; nothing is read until ``read()`` is called.
+
+    ``dtype`` is a safetensors code (``"F32"``) or, for GGUF blocks, a GGML type name
+    (``"Q4_K"``). ``shape`` is the logical shape in PyTorch order. ``read()`` returns a numpy
+    view of the stored data: for plain dtypes an array of shape ``shape`` whose items are raw
+    ``V{itemsize}`` bytes (strided where the source is strided); for GGML blocks a ``uint8``
+    array of shape ``(rows, bytes_per_row)``. It copies nothing.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    path: str
+    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    storage: StorageRef | None = None
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+
+@dataclass(frozen=True)
+class SkippedLeaf:
+    """A value in a checkpoint that is not a tensor (an epoch counter, optimizer hyper-parameters)."""
+
+    name: str
+    kind: str
+
+
+@dataclass
+class SourceFile:
+    """What a reader found in one file: tensors in file order, skipped leaves, metadata."""
+
+    path: str
+    format: str
+    tensors: list[TensorInfo]
+    skipped: list[SkippedLeaf] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def raw_view(buf, offset: int, shape: tuple[int, ...], itemsize: int,
+             strides: tuple[int, ...] | None = None) -> np.ndarray:
+    """A view of ``buf`` as items of ``itemsize`` raw bytes; ``strides`` in items, C order if None.
+
+    Items are ``V{itemsize}`` so bytes move as bytes: no dtype semantics, no alignment needed.
+    """
+    item = np.dtype(f"V{itemsize}")
+    base = np.frombuffer(buf, dtype=np.uint8)
+    if strides is None:
+        return base[offset:offset + numel(shape) * itemsize].view(item).reshape(shape)
+    span = len(base) - offset
+    items = base[offset:offset + span - span % itemsize].view(item)
+    byte_strides = tuple(s * itemsize for s in strides)
+    return np.lib.stride_tricks.as_strided(items, shape=shape, strides=byte_strides, writeable=False)
