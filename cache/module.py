@@ -36,19 +36,20 @@ def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, st
                 names: Names = None) -> nn.Module:
     """``factory()`` builds the model with parameters on meta; the bake's tensors are assigned in.
 
-    No parameter is initialised or copied: each one is a view of the bake's memory maps.
-    Raises ``RuntimeError`` (from ``load_state_dict``) for missing or unexpected keys when
-    ``strict``, and ``ValueError`` if a parameter is still unset afterwards.
+    No parameter is initialised or copied: each one is a view of the bake's memory maps. Tied
+    weights are re-tied (``tie_weights()``) before checking. With ``strict``, raises
+    ``ValueError`` if a parameter is left unset or the bake holds a tensor the module lacks.
 
     >>> model = load_module(lambda: LlamaForCausalLM(config), "baked/")   # doctest: +SKIP
     """
     with params_on_meta():
         module = factory()
     state = load_from_manifest(path, names=names)
-    module.load_state_dict(state, strict=strict, assign=True)
-    if hasattr(module, "tie_weights"):
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if hasattr(module, "tie_weights"):  # transformers models re-tie weights a checkpoint stores once
         module.tie_weights()
     unset = [n for n, p in module.named_parameters() if p.is_meta]
-    if unset:
-        raise ValueError(f"the bake has no tensor for {unset[:5]} ({len(unset)} parameters unset)")
+    if strict and (unset or result.unexpected_keys):
+        raise ValueError(f"the bake does not fit the module: missing {unset[:5]} ({len(unset)}), "
+                         f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})")
     return module
