@@ -13,6 +13,8 @@ from prebake.convert.sources import describe_source, open_source
 from prebake.formats.safetensors_writer import is_padding
 
 VERSION = "0.1.0"
+GGUF_METADATA = "gguf_metadata.json"  # every GGUF key-value pair, long arrays included
+SHORT_LIST = 64
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | None = None, *,
@@ -35,6 +37,12 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
     try:
         shards, tensors = execute.write_shards(plan, tmp, update)
         files = execute.copy_files(source.copy, tmp)
+        metadata = source.metadata
+        if "gguf" in metadata:  # tokenizer arrays can hold 100k+ strings: keep them out of the manifest
+            execute.write_json(tmp / GGUF_METADATA, metadata["gguf"])
+            files.append(execute.file_entry(tmp / GGUF_METADATA))
+            metadata = {**metadata, "gguf": {k: v for k, v in metadata["gguf"].items()
+                                             if not isinstance(v, list) or len(v) <= SHORT_LIST}}
         manifest = Manifest(
             source=describe_source(source),
             options={"shard_size": options.shard_size, "align": options.align, "dtype": options.dtype},
@@ -43,7 +51,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
                      for a in plan.aliases},
             padding=[s.name for sh in plan.shards for s in sh.slots if is_padding(s.name)],
             files=files, skipped=[{"name": s.name, "kind": s.kind} for s in source.skipped],
-            metadata=source.metadata, prebake_version=VERSION,
+            metadata=metadata, prebake_version=VERSION,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), root=out)
         execute.write_json(tmp / "model.safetensors.index.json", hf_index(manifest))
         execute.write_json(tmp / MANIFEST_NAME, manifest.to_json())

@@ -80,12 +80,17 @@ def copy_files(paths: list[Path], folder: Path) -> list[FileEntry]:
     for p in paths:
         dst = folder / p.name
         _guard(lambda p=p, dst=dst: shutil.copyfile(p, dst), dst)
-        h = xxhash.xxh3_128()
-        with open(dst, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        entries.append(FileEntry(p.name, dst.stat().st_size, h.hexdigest()))
+        entries.append(file_entry(dst))
     return entries
+
+
+def file_entry(path: Path) -> FileEntry:
+    """The manifest record of a file in the bake folder."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return FileEntry(path.name, path.stat().st_size, h.hexdigest())
 
 
 def write_json(path: Path, obj_or_text) -> None:

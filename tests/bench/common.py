@@ -1,0 +1,118 @@
+"""Benchmark plumbing: medians, fresh-process timings, peak anonymous memory, the test checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORK = Path(os.environ.get("PREBAKE_BENCH_DIR", ROOT / "build" / "bench"))
+REPEAT = int(os.environ.get("PREBAKE_BENCH_REPEAT", "5"))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Runs a whole process; returns (wall seconds, peak RssAnon MiB sampled every 5 ms)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0.0]
+
+    def sample():
+        path = f"/proc/{proc.pid}/status"
+        while proc.poll() is None:
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+            except OSError:
+                return
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    t.join()
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed: {err.decode()[-2000:]}")
+    return wall, peak[0]
+
+
+def python_timing(code: str) -> dict:
+    """Runs ``code`` in a fresh interpreter; it must print one JSON object as its last line."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def drop_cache(path: Path) -> None:
+    """Drops a file's (or a folder's files') pages from the page cache."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def table(title: str, rows: list[tuple], headers: tuple) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [f"\n== {title}", line.format(*headers), line.format(*("-" * w for w in widths))]
+    out += [line.format(*map(str, r)) for r in rows]
+    return "\n".join(out)
+
+
+def llama_state_dict(layers: int, hidden: int, intermediate: int, vocab: int, dtype="bfloat16"):
+    """A Llama-shaped state dict of random weights (tied embeddings), built layer by layer."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(dt)
+
+    sd = {"model.embed_tokens.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{n}.weight"] = w(hidden, hidden)
+        sd[p + "mlp.gate_proj.weight"] = w(intermediate, hidden)
+        sd[p + "mlp.up_proj.weight"] = w(intermediate, hidden)
+        sd[p + "mlp.down_proj.weight"] = w(hidden, intermediate)
+        sd[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=dt)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dt)
+    sd["model.norm.weight"] = torch.ones(hidden, dtype=dt)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
+def big_checkpoint() -> Path:
+    """A 24-layer, ~1.8 GB bfloat16 Llama-shaped ``pytorch_model.bin`` (built once, reused)."""
+    path = WORK / "llama-1.8g" / "pytorch_model.bin"
+    if not path.exists():
+        import torch
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sd = llama_state_dict(layers=24, hidden=2048, intermediate=2816, vocab=32000)
+        tmp = path.with_suffix(".tmp")
+        torch.save(sd, tmp)
+        os.replace(tmp, path)
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                  "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "num_key_value_heads": 16, "vocab_size": 32000, "tie_word_embeddings": True}
+        (path.parent / "config.json").write_text(json.dumps(config))
+    return path
