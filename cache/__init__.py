@@ -8,6 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "load_from_manifest": "prebake.cache.load",
+    "load_components": "prebake.cache.components",
     "load_module": "prebake.cache.module",
     "Manifest": "prebake.cache.manifest",
     "read_manifest": "prebake.cache.manifest",

@@ -27,19 +27,31 @@ Names = Iterable[str] | Callable[[str], bool] | None
 
 
 def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = None,
-                       device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                       device: str | torch.device = "cpu", variant: str | None = None,
+                       component: str | None = None) -> dict[str, torch.Tensor]:
     """Maps a bake and returns its tensors by name, in layout order.
 
     ``path``: the bake folder or its ``manifest.json`` (or a :class:`Manifest` already read).
     ``names``: a list of names, or a predicate on names, to load a subset; shards holding none
     of them are not mapped. Aliases (tied weights) come back as views of their target.
     ``device``: anything but ``"cpu"`` copies each tensor there once (aliases stay tied).
+    ``variant``: a variant's tensors under its names (layers and experts renumbered); ``names``
+    then selects among those names.
+    ``component``: in a bake of several components (diffusers layout), the one to load.
 
     >>> sd = load_from_manifest("baked/")                                    # doctest: +SKIP
     >>> model.load_state_dict(sd, assign=True)                               # doctest: +SKIP
     """
     m = path if isinstance(path, Manifest) else read_manifest(path)
-    wanted = _selector(names, m)
+    if m.components:
+        if component not in m.components:
+            raise KeyError(f"the bake holds components {sorted(m.components)}: pass component= one of them")
+        m = read_manifest(m.root / m.components[component]["path"])
+    elif component is not None:
+        raise KeyError(f"the bake has no components (asked for {component!r})")
+    if variant is not None:
+        return _load_variant(m, variant, names, device)
+    wanted = _selector(names, m.tensors.keys() | m.aliases.keys())
     targets = {a.target for n, a in m.aliases.items() if wanted(n)}
     storages: dict[int, torch.UntypedStorage] = {}
     out: dict[str, torch.Tensor] = {}
@@ -79,13 +91,32 @@ def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape) 
     return t.set_(storage, offset // itemsize, tuple(shape))
 
 
-def _selector(names: Names, m: Manifest) -> Callable[[str], bool]:
+def _load_variant(m: Manifest, variant: str, names: Names, device) -> dict[str, torch.Tensor]:
+    if variant not in m.variants:
+        raise KeyError(f"the bake has no variant {variant!r} (it has {sorted(m.variants) or 'none'})")
+    entries = m.variants[variant]["tensors"]
+    wanted = _selector(names, entries.keys())
+    entries = {n: e for n, e in entries.items() if wanted(n)}
+    stored = load_from_manifest(m, names={e["source"] for e in entries.values()}, device=device)
+    return {n: _rows(stored[e["source"]], e.get("rows")) for n, e in entries.items()}
+
+
+def _rows(t: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+    """Rows of ``t`` along dim 0: a view for a contiguous run, else a (small) gathered copy."""
+    if rows is None:
+        return t
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return t.narrow(0, rows[0], len(rows))
+    return t.index_select(0, torch.tensor(rows, device=t.device))
+
+
+def _selector(names: Names, known) -> Callable[[str], bool]:
     if names is None:
         return lambda n: True
     if callable(names):
         return names
     chosen = set([names] if isinstance(names, str) else names)
-    unknown = chosen - m.tensors.keys() - m.aliases.keys()
+    unknown = chosen - known
     if unknown:
         raise KeyError(f"not in the bake: {sorted(unknown)[:5]}")
     return chosen.__contains__

@@ -14,7 +14,10 @@
       "padding": [names of padding entries, which loaders skip],
       "files": [{"path", "size", "checksum"}],          # config.json, tokenizer, ... copied as they are
       "skipped": [{"name", "kind"}],                    # non-tensor leaves of pickled checkpoints
-      "metadata": {...}                                 # e.g. GGUF key-value metadata
+      "metadata": {...},                                # e.g. GGUF key-value metadata
+      "variants": {name: {"spec", "layers", "experts", "bytes", "config"?,
+                          "tensors": {variant name: {"source": stored name, "rows"?: [...]}}}},
+      "components": {name: {"path", "tensors", "bytes"}}  # sub-folders, each a bake of its own
     }
 
 ``offset`` is the absolute byte offset of the tensor in its shard file; ``tensors`` is in
@@ -87,6 +90,8 @@ class Manifest:
     files: list[FileEntry] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    variants: dict[str, dict] = field(default_factory=dict)
+    components: dict[str, dict] = field(default_factory=dict)
     prebake_version: str = "0.1.0"
     created: str = ""
     checksum: str = CHECKSUM
@@ -99,7 +104,8 @@ class Manifest:
              "tensors": {k: _compact(v._asdict()) for k, v in self.tensors.items()},
              "aliases": {k: v._asdict() for k, v in self.aliases.items()},
              "padding": self.padding, "files": [f._asdict() for f in self.files],
-             "skipped": self.skipped, "metadata": self.metadata}
+             "skipped": self.skipped, "metadata": self.metadata, "variants": self.variants,
+             "components": self.components}
         return json.dumps(d, indent=1)
 
     def shard_path(self, index: int) -> Path:
@@ -152,6 +158,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             aliases={k: AliasEntry(**v) for k, v in d.get("aliases", {}).items()},
             padding=d.get("padding", []), files=[FileEntry(**f) for f in d.get("files", [])],
             skipped=d.get("skipped", []), metadata=d.get("metadata", {}),
+            variants=d.get("variants", {}), components=d.get("components", {}),
             prebake_version=d.get("prebake_version", ""), created=d.get("created", ""),
             checksum=d.get("checksum", CHECKSUM), root=mp.parent)
     except (KeyError, TypeError) as e:

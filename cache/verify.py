@@ -25,6 +25,7 @@ def verify(path: str | os.PathLike | Manifest, progress: Callable[[int], None] =
     """Re-hashes every tensor and copied file; raises :class:`VerifyError` at the first mismatch."""
     m = path if isinstance(path, Manifest) else read_manifest(path)
     total = 0
+    sub = [verify(m.root / c["path"], progress) for c in m.components.values()]
     by_shard: dict[int, list] = {}
     for name, e in m.tensors.items():
         by_shard.setdefault(e.shard, []).append((name, e))
@@ -55,7 +56,8 @@ def verify(path: str | os.PathLike | Manifest, progress: Callable[[int], None] =
             raise VerifyError(f"copied file is unreadable ({e.strerror})", p) from None
         if digest != f.checksum:
             raise VerifyError("copied file does not match its checksum", p)
-    return VerifyReport(len(m.tensors), len(m.files), total)
+    return VerifyReport(len(m.tensors) + sum(r.tensors for r in sub), len(m.files) + sum(r.files for r in sub),
+                        total + sum(r.bytes for r in sub))
 
 
 def _hash(view: memoryview, progress) -> str:

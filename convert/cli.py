@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast floating tensors (and dequantized GGUF tensors; default float16 for those)")
     c.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    c.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
+                   help="add a layer/expert-pruned view (repeatable); SPEC like 'first=1', "
+                   "'layers=0-3,22-23;head=no', 'experts=0,3', 'include=GLOB', 'exclude=GLOB'")
     _common(c)
 
     i = sub.add_parser("inspect", help="describe a bake", description="Summarise a bake: source, "
@@ -52,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("out", help="bake folder or its manifest.json")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     _common(i)
+
+    va = sub.add_parser("variant", help="add a layer/expert-pruned view to an existing bake",
+                        description="Variants are named views over a bake's shards: no tensor bytes are "
+                        "copied. SPEC items, joined by ';': first=N, layers=0-3,22-23, experts=0,3, "
+                        "head=no, include=GLOB,..., exclude=GLOB,...")
+    va_sub = va.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = va_sub.add_parser("add", help="add NAME=SPEC to the bake OUT")
+    add.add_argument("out", help="bake folder")
+    add.add_argument("spec", metavar="NAME=SPEC")
+    _common(add)
 
     v = sub.add_parser("verify", help="re-check every checksum of a bake",
                        description="Recompute every tensor's and copied file's checksum; report the first "
@@ -112,11 +125,19 @@ def cmd_convert(args) -> dict:
         if not args.json:
             print(json.dumps(summary, indent=1))
         return summary
-    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"))
+    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"),
+                variants=args.variant)
     result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "aliases": len(m.aliases),
               "shards": len(m.shards), "bytes": m.total_bytes, "files": [f.path for f in m.files],
               "skipped": m.skipped}
-    if not args.json:
+    if m.components:
+        result["components"] = m.components
+        result["tensors"] = sum(c["tensors"] for c in m.components.values())
+        result["bytes"] = sum(c["bytes"] for c in m.components.values())
+        if not args.json:
+            print(f"baked {len(m.components)} components ({', '.join(m.components)}): {result['tensors']} "
+                  f"tensors ({_human(result['bytes'])}) at {args.out}")
+    elif not args.json:
         print(f"baked {len(m.tensors)} tensors ({_human(m.total_bytes)}) into {len(m.shards)} shard(s) "
               f"at {args.out}" + (f"; {len(m.aliases)} aliases" if m.aliases else ""))
         for s in m.skipped:
@@ -135,7 +156,11 @@ def cmd_inspect(args) -> dict:
             "tensors": len(m.tensors), "bytes": m.total_bytes, "dtypes": dtypes,
             "shards": [{"file": s.file, "bytes": s.size} for s in m.shards],
             "aliases": {k: a.target for k, a in m.aliases.items()}, "padding_entries": len(m.padding),
-            "files": [f.path for f in m.files], "skipped": m.skipped, "options": m.options}
+            "files": [f.path for f in m.files], "skipped": m.skipped, "options": m.options,
+            "variants": {k: {"spec": v["spec"], "tensors": len(v["tensors"]), "bytes": v["bytes"]}
+                         for k, v in m.variants.items()},
+            "components": {k: {"path": c["path"], "tensors": c["tensors"], "bytes": c["bytes"]}
+                           for k, c in m.components.items()}}
     if args.tensors:
         info["tensor_list"] = {k: {"dtype": t.dtype, "shape": t.shape, "shard": t.shard, "offset": t.offset}
                                for k, t in m.tensors.items()}
@@ -149,9 +174,26 @@ def cmd_inspect(args) -> dict:
             print(f"  alias {k} -> {v}")
         if info["files"]:
             print("  files: " + ", ".join(info["files"]))
+        for k, c in info["components"].items():
+            print(f"  component {k}: {c['tensors']} tensors, {_human(c['bytes'])} in {c['path']}/")
+        for k, v in info["variants"].items():
+            print(f"  variant {k} ({v['spec']}): {v['tensors']} tensors, {_human(v['bytes'])}")
         for k, t in info.get("tensor_list", {}).items():
             print(f"  {k}  {t['dtype']} {t['shape']}  shard {t['shard']} @ {t['offset']}")
     return info
+
+
+def cmd_variant(args) -> dict:
+    from prebake.convert.variants import add_variant_to_bake
+
+    record = add_variant_to_bake(args.out, args.spec)
+    name = args.spec.partition("=")[0]
+    if not args.json:
+        print(f"variant {name}: {len(record['tensors'])} tensors, {_human(record['bytes'])} "
+              f"(layers {record['layers'] or 'none'}" + (f", experts {record['experts']}" if record["experts"] else "")
+              + "); no tensor bytes copied")
+    return {"variant": name, **{k: v for k, v in record.items() if k != "tensors"},
+            "tensors": len(record["tensors"])}
 
 
 def cmd_verify(args) -> dict:
@@ -173,7 +215,7 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify}
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant}
 
 if __name__ == "__main__":
     sys.exit(main())

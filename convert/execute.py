@@ -84,13 +84,26 @@ def copy_files(paths: list[Path], folder: Path) -> list[FileEntry]:
     return entries
 
 
-def file_entry(path: Path) -> FileEntry:
-    """The manifest record of a file in the bake folder."""
+def copy_tree(src: Path, folder: Path) -> list[FileEntry]:
+    """Copies a sub-folder of small files (a diffusers ``scheduler/`` or ``tokenizer/``)."""
+    entries = []
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            dst = folder / src.name / p.relative_to(src)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _guard(lambda p=p, dst=dst: shutil.copyfile(p, dst), dst)
+            entries.append(file_entry(dst, folder))
+    return entries
+
+
+def file_entry(path: Path, folder: Path | None = None) -> FileEntry:
+    """The manifest record of a file in the bake folder (``folder``: what its path is relative to)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
-    return FileEntry(path.name, path.stat().st_size, h.hexdigest())
+    name = str(path.relative_to(folder)) if folder else path.name
+    return FileEntry(name, path.stat().st_size, h.hexdigest())
 
 
 def write_json(path: Path, obj_or_text) -> None:

@@ -10,7 +10,7 @@ import re
 
 # The first numeric path component names the layer: model.layers.3., transformer.h.3., blk.3.,
 # encoder.layer.3., decoder.block.3., double_blocks.3. ... The text before it names the stack.
-_NUMBER = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
+FIRST_NUMBER = _NUMBER = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 _EMBEDDING = re.compile(r"embed|wte\b|wpe\b|token_embd|word_embeddings|position_embeddings|^shared\.")
 _HEAD = re.compile(r"(^|\.)(lm_head|output|classifier|score|cls|qa_outputs)(\.|$)")
 
@@ -26,6 +26,11 @@ def layer_of(name: str) -> tuple[str, tuple[int, ...]] | None:
         return None
     numbers = tuple(int(m.group(1)) for m in _NUMBER.finditer(name))
     return name[:first.start()], numbers
+
+
+def is_head(name: str) -> bool:
+    """Whether ``name`` is an output head outside the numbered layers (lm_head, output, classifier)."""
+    return layer_of(name) is None and not _EMBEDDING.search(name) and bool(_HEAD.search(name))
 
 
 def execution_order(names: list[str]) -> list[str]:

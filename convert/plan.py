@@ -97,13 +97,14 @@ class BakePlan:
         }
 
 
-def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[SkippedLeaf] = ()) -> BakePlan:
-    """Plans a bake of ``tensors`` (from every source file, in file order)."""
+def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[SkippedLeaf] = (),
+              stem: str = "model") -> BakePlan:
+    """Plans a bake of ``tensors`` (from every source file, in file order) into ``stem*.safetensors``."""
     by_name = _unique(tensors)
     order = execution_order(list(by_name))
     stored, aliases = find_aliases([by_name[n] for n in order])
     planned = [_planned(t, options) for t in stored]
-    shards = _shard(planned, options)
+    shards = _shard(planned, options, stem)
     return BakePlan(shards, aliases, list(skipped), options)
 
 
@@ -157,7 +158,7 @@ def find_aliases(tensors: list[TensorInfo]) -> tuple[list[TensorInfo], list[Alia
     return stored, aliases
 
 
-def _shard(planned: list[Planned], options: Options) -> list[ShardPlan]:
+def _shard(planned: list[Planned], options: Options, stem: str) -> list[ShardPlan]:
     groups: list[list[Planned]] = [[]]
     size = 0
     for p in planned:
@@ -169,7 +170,7 @@ def _shard(planned: list[Planned], options: Options) -> list[ShardPlan]:
     n = len(groups)
     shards = []
     for i, group in enumerate(groups):
-        file = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        file = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
         items = [(p.name, p.dtype, p.source.shape, p.nbytes, DTYPE_SIZES[p.dtype]) for p in group]
         slots = place(items, options.align, i)
         shard = ShardPlan(file, slots, {p.name: p for p in group})

@@ -19,7 +19,8 @@ from prebake.formats.errors import FormatError, UnsupportedError
 from prebake.formats.tensor import SourceFile
 
 WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".safetensors", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx"}
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
+               "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Source:
     format: str
     files: list[SourceFile]
     copy: list[Path] = field(default_factory=list)
+    stem: str = "model"  # shard file names: diffusers folders use diffusion_pytorch_model
 
     @property
     def tensors(self):
@@ -99,7 +101,28 @@ def open_source(path: str | os.PathLike) -> Source:
     _check_index(p, files)
     copy = sorted(c for c in p.iterdir() if c.is_file() and c.suffix not in WEIGHT_SUFFIXES
                   and c.name not in INDEX_FILES and not c.name.startswith("."))
-    return Source(str(p), "hf-folder", files, copy)
+    diffusers = any(w.name.startswith("diffusion_pytorch_model") for w in weights) or \
+        any((p / i).exists() for i in INDEX_FILES if i.startswith("diffusion_pytorch_model"))
+    stem = "diffusion_pytorch_model" if diffusers else "model"
+    return Source(str(p), "hf-folder", files, copy, stem)
+
+
+def component_folders(path: Path) -> dict[str, Path]:
+    """The components of a multi-model folder (diffusers layout), or {} for anything else.
+
+    A folder is one of components when it holds no weights of its own and some of its
+    sub-folders are model folders; sub-folders without weights (scheduler, tokenizer) are not
+    components and are copied as they are.
+    """
+    if not path.is_dir() or _has_weights(path):
+        return {}
+    return {p.name: p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")
+            and _has_weights(p)}
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix in {".bin", ".pt", ".pth", ".safetensors", ".gguf"}
+               for p in folder.iterdir())
 
 
 def weight_files(folder: Path) -> list[Path]:
