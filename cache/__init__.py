@@ -12,7 +12,7 @@ _EXPORTS = {
     "load_module": "prebake.cache.module",
     "Manifest": "prebake.cache.manifest",
     "read_manifest": "prebake.cache.manifest",
-    "verify": "prebake.cache.verify",
+    "verify": "prebake.cache.integrity",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from prebake.cache.load import load_from_manifest
 from prebake.cache.manifest import read_manifest
-from prebake.cache.verify import verify
+from prebake.cache.integrity import verify
 from prebake.convert.bake import convert
 from prebake.convert.plan import Options
 from safetensors.torch import save_file
