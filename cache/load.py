@@ -28,7 +28,7 @@ Names = Iterable[str] | Callable[[str], bool] | None
 
 def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = None,
                        device: str | torch.device = "cpu", variant: str | None = None,
-                       component: str | None = None) -> dict[str, torch.Tensor]:
+                       component: str | None = None, prefetch: bool = False) -> dict[str, torch.Tensor]:
     """Maps a bake and returns its tensors by name, in layout order.
 
     ``path``: the bake folder or its ``manifest.json`` (or a :class:`Manifest` already read).
@@ -38,6 +38,9 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     ``variant``: a variant's tensors under its names (layers and experts renumbered); ``names``
     then selects among those names.
     ``component``: in a bake of several components (diffusers layout), the one to load.
+    ``prefetch``: start reading the loaded tensors' bytes in layout order on a background
+    thread (see :mod:`prebake.cache.prefetch`), so touching tensors in execution order hits
+    the page cache; it stops by itself once the tensors are garbage-collected.
 
     >>> sd = load_from_manifest("baked/")                                    # doctest: +SKIP
     >>> model.load_state_dict(sd, assign=True)                               # doctest: +SKIP
@@ -50,7 +53,7 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     elif component is not None:
         raise KeyError(f"the bake has no components (asked for {component!r})")
     if variant is not None:
-        return _load_variant(m, variant, names, device)
+        return _load_variant(m, variant, names, device, prefetch)
     wanted = _selector(names, m.tensors.keys() | m.aliases.keys())
     targets = {a.target for n, a in m.aliases.items() if wanted(n)}
     storages: dict[int, torch.UntypedStorage] = {}
@@ -62,6 +65,10 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
         if storage is None:
             storage = storages[e.shard] = map_shard(m.shard_path(e.shard), m.shards[e.shard].size)
         out[name] = view(storage, TORCH_DTYPES[e.dtype], e.offset, e.shape)
+    if prefetch and device is not None and torch.device(device).type == "cpu":
+        from prebake.cache.prefetch import Prefetcher, shard_ranges
+
+        Prefetcher(shard_ranges(m, out), owners=storages.values())
     if device is not None and torch.device(device).type != "cpu":
         out = {k: v.to(device) for k, v in out.items()}
     for name, a in m.aliases.items():
@@ -91,13 +98,13 @@ def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape) 
     return t.set_(storage, offset // itemsize, tuple(shape))
 
 
-def _load_variant(m: Manifest, variant: str, names: Names, device) -> dict[str, torch.Tensor]:
+def _load_variant(m: Manifest, variant: str, names: Names, device, prefetch: bool) -> dict[str, torch.Tensor]:
     if variant not in m.variants:
         raise KeyError(f"the bake has no variant {variant!r} (it has {sorted(m.variants) or 'none'})")
     entries = m.variants[variant]["tensors"]
     wanted = _selector(names, entries.keys())
     entries = {n: e for n, e in entries.items() if wanted(n)}
-    stored = load_from_manifest(m, names={e["source"] for e in entries.values()}, device=device)
+    stored = load_from_manifest(m, names={e["source"] for e in entries.values()}, device=device, prefetch=prefetch)
     return {n: _rows(stored[e["source"]], e.get("rows")) for n, e in entries.items()}
 
 

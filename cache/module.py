@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
+import torch
 from prebake.cache.load import Names, load_from_manifest
 from torch import nn
 
@@ -32,6 +33,14 @@ def params_on_meta():
         nn.Module.register_parameter = register
 
 
+def _back_onto_the_map(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Re-points parameters that tying replaced with copies (transformers pads tied biases) at the map."""
+    for name, p in module.named_parameters(remove_duplicate=False):
+        t = state.get(name)
+        if t is not None and p.data_ptr() != t.data_ptr() and p.shape == t.shape and p.dtype == t.dtype:
+            p.data = t
+
+
 def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, strict: bool = True,
                 names: Names = None) -> nn.Module:
     """``factory()`` builds the model with parameters on meta; the bake's tensors are assigned in.
@@ -48,6 +57,7 @@ def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, st
     result = module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):  # transformers models re-tie weights a checkpoint stores once
         module.tie_weights()
+        _back_onto_the_map(module, state)
     unset = [n for n, p in module.named_parameters() if p.is_meta]
     if strict and (unset or result.unexpected_keys):
         raise ValueError(f"the bake does not fit the module: missing {unset[:5]} ({len(unset)}), "

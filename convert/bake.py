@@ -43,7 +43,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
     sources = {name: open_source(p) for name, p in parts.items()} if parts else {"": open_source(src)}
     plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem) for name, s in sources.items()}
     update = progress(sum(p.total_bytes for p in plans.values())) if progress else (lambda n: None)
-    tmp = output.start(out, force)
+    tmp = output.start(out, force, Path(src), sum(p.total_bytes for p in plans.values()))
     try:
         if parts:
             manifest = _bake_components(Path(src), sources, plans, tmp, out, options, update)
@@ -89,8 +89,8 @@ def _bake_components(src: Path, sources: dict[str, Source], plans: dict[str, Bak
         m = _bake_one(source, plans[name], folder / name, root / name, options, update, [])
         components[name] = {"path": name, "tensors": len(m.tensors), "bytes": m.total_bytes,
                             "format": m.source["format"], "fingerprint": m.source["fingerprint"]}
-    files = execute.copy_files(sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")),
-                               folder)
+    files = execute.copy_files(sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
+                                      and p.name != MANIFEST_NAME), folder)
     for sub in sorted(p for p in src.iterdir() if p.is_dir() and p.name not in sources):
         files += execute.copy_tree(sub, folder)
     fingerprint = xxhash.xxh3_128("".join(c["fingerprint"] for c in components.values()).encode()).hexdigest()

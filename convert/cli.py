@@ -197,8 +197,8 @@ def cmd_variant(args) -> dict:
 
 
 def cmd_verify(args) -> dict:
-    from prebake.cache.manifest import read_manifest
     from prebake.cache.integrity import verify
+    from prebake.cache.manifest import read_manifest
 
     m = read_manifest(args.out)
     report = verify(m, _progress(args, "verify")(m.total_bytes))

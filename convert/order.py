@@ -36,16 +36,29 @@ def is_head(name: str) -> bool:
 def execution_order(names: list[str]) -> list[str]:
     """Sorts tensor names into execution order; ties keep the source order."""
     stacks: dict[str, int] = {}
+    for name in names:
+        layer = layer_of(name)
+        if layer is not None:
+            stacks.setdefault(layer[0], len(stacks))
     keys = {}
     for index, name in enumerate(names):
         layer = layer_of(name)
         if layer is not None:
-            stack = stacks.setdefault(layer[0], len(stacks))
-            keys[name] = (1, stack, layer[1], index)
+            keys[name] = (1, stacks[layer[0]], layer[1], index)
         elif _EMBEDDING.search(name):
             keys[name] = (0, 0, (), index)
         elif _HEAD.search(name):
             keys[name] = (3, 0, (), index)
         else:
-            keys[name] = (2, 0, (), index)
+            keys[name] = _after_its_stack(name, stacks, index)
     return sorted(names, key=keys.__getitem__)
+
+
+def _after_its_stack(name: str, stacks: dict[str, int], index: int) -> tuple:
+    """A final norm goes right after the stack it closes: encoder.final_layer_norm after
+    encoder.block.N, model.norm after model.layers.N; anything else after all stacks."""
+    owner = max((s for s in stacks if "." in s and name.startswith(s.rsplit(".", 1)[0] + ".")),
+                key=len, default=None)
+    if owner is None:
+        return (2, 0, (), index)
+    return (1, stacks[owner], (float("inf"),), index)

@@ -16,8 +16,16 @@ from prebake.formats.errors import OutputError
 _TMP = ".prebake-tmp-"
 
 
-def start(out: Path, force: bool = False) -> Path:
-    """Checks ``out`` may be written and returns a fresh temporary folder beside it."""
+def start(out: Path, force: bool = False, src: Path | None = None, needed: int = 0) -> Path:
+    """Checks ``out`` may be written and returns a fresh temporary folder beside it.
+
+    Refuses an ``out`` that is or holds the source ``src`` (even with ``force``: it would delete
+    the checkpoint) and a disk without ``needed`` bytes free.
+    """
+    if src is not None:
+        s, o = Path(src).resolve(), out.resolve()
+        if s == o or o in s.parents:
+            raise OutputError(f"is the source or holds it ({src}); choose another output folder", out)
     if out.exists() and not force:
         if not out.is_dir():
             raise OutputError("exists and is not a folder; choose another output or pass --force", out)
@@ -25,6 +33,9 @@ def start(out: Path, force: bool = False) -> Path:
             raise OutputError("holds files that are not a prebake output; choose an empty folder "
                               "or pass --force to replace it", out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise OutputError(f"needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free there", out)
     _remove_stale(out)
     tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

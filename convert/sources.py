@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from prebake.formats.errors import FormatError, UnsupportedError
 from prebake.formats.tensor import SourceFile
 
 WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".safetensors", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx"}
+# What transformers' Trainer saves beside the weights: pickles, but not of the model.
+TRAINER_FILES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"}
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
 
@@ -62,7 +63,7 @@ def sniff(path: str) -> str:
         return "torch-zip"
     if head[:4] == b"GGUF":
         return "gguf"
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+    if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[:1] == b"\x80" and 2 <= head[1] <= 5:
         return "torch-legacy"
@@ -100,7 +101,7 @@ def open_source(path: str | os.PathLike) -> Source:
     files = [read_file(str(w)) for w in weights]
     _check_index(p, files)
     copy = sorted(c for c in p.iterdir() if c.is_file() and c.suffix not in WEIGHT_SUFFIXES
-                  and c.name not in INDEX_FILES and not c.name.startswith("."))
+                  and c.name not in INDEX_FILES and c.name != "manifest.json" and not c.name.startswith("."))
     diffusers = any(w.name.startswith("diffusion_pytorch_model") for w in weights) or \
         any((p / i).exists() for i in INDEX_FILES if i.startswith("diffusion_pytorch_model"))
     stem = "diffusion_pytorch_model" if diffusers else "model"
@@ -135,8 +136,8 @@ def weight_files(folder: Path) -> list[Path]:
             if missing:
                 raise FormatError(f"the index names {missing[0]}, which is not in the folder", ip)
             return [folder / n for n in names]
-    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf"):
-        found = sorted(folder.glob(pattern))
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.gguf"):
+        found = sorted(p for p in folder.glob(pattern) if p.name not in TRAINER_FILES)
         if found:
             return found
     raise FormatError("folder holds no checkpoint files (.safetensors, .bin, .pt, .pth, .gguf)", folder)

@@ -45,9 +45,13 @@ def read_safetensors(path: str) -> SourceFile:
 
 def _describe(name: str, entry, mm, start: int, size: int, path: str) -> TensorInfo:
     try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"corrupt header entry for tensor {name!r}", path) from None
+    if not (isinstance(dtype, str) and all(type(d) is int and d >= 0 for d in shape)
+            and type(begin) is int and type(end) is int):
+        raise FormatError(f"corrupt header entry for tensor {name!r} (dtype, shape or offsets of the wrong type)",
+                          path)
     if dtype not in DTYPE_SIZES:
         raise UnsupportedError(f"tensor {name!r} has dtype {dtype}, which prebake does not support", path)
     itemsize = DTYPE_SIZES[dtype]

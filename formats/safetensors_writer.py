@@ -89,7 +89,11 @@ class ShardWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.pos = 0
         self.flushed = 0
-        self.write(header)
+        try:
+            self.write(header)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")

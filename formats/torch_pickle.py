@@ -9,6 +9,7 @@ included, is refused before it is looked up, so nothing from the file ever runs.
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import pickle
@@ -151,6 +152,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.storages: dict[str, StorageRecord] = {}
 
     def find_class(self, module: str, name: str):
+        # torch.save writes protocol 2, which spells Python 3 names the Python 2 way
+        # (__builtin__.set, commands.call): translate them as pickle itself would.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         fn = _TORCH_GLOBALS.get((module, name))
         if fn is not None:
             return fn

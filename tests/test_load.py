@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 import torch
+from prebake.cache.integrity import verify
 from prebake.cache.load import load_from_manifest
 from prebake.cache.manifest import read_manifest
-from prebake.cache.integrity import verify
 from prebake.convert.bake import convert
 from prebake.convert.plan import Options
 from safetensors.torch import save_file
