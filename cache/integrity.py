@@ -27,7 +27,7 @@ def verify(path: str | os.PathLike | Manifest, progress: Callable[[int], None] =
     total = 0
     sub = [verify(m.root / c["path"], progress) for c in m.components.values()]
     by_shard: dict[int, list] = {}
-    for name, e in m.tensors.items():
+    for name, e in [*m.tensors.items(), *m.quantized.items()]:
         by_shard.setdefault(e.shard, []).append((name, e))
     for index, entries in by_shard.items():
         shard = m.shard_path(index)
@@ -56,7 +56,7 @@ def verify(path: str | os.PathLike | Manifest, progress: Callable[[int], None] =
             raise VerifyError(f"copied file is unreadable ({e.strerror})", p) from None
         if digest != f.checksum:
             raise VerifyError("copied file does not match its checksum", p)
-    return VerifyReport(len(m.tensors) + sum(r.tensors for r in sub), len(m.files) + sum(r.files for r in sub),
+    return VerifyReport(len(m.tensors) + len(m.quantized) + sum(r.tensors for r in sub), len(m.files) + sum(r.files for r in sub),
                         total + sum(r.bytes for r in sub))
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 from prebake.cache.manifest import Manifest, read_manifest
+from prebake.cache.packed import PackedTensor
+from prebake.formats.ggml_types import blocks_shape
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,7 +30,8 @@ Names = Iterable[str] | Callable[[str], bool] | None
 
 def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = None,
                        device: str | torch.device = "cpu", variant: str | None = None,
-                       component: str | None = None, prefetch: bool = False) -> dict[str, torch.Tensor]:
+                       component: str | None = None, prefetch: bool = False,
+                       quant: str | None = "auto") -> dict[str, torch.Tensor | PackedTensor]:
     """Maps a bake and returns its tensors by name, in layout order.
 
     ``path``: the bake folder or its ``manifest.json`` (or a :class:`Manifest` already read).
@@ -41,6 +44,10 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     ``prefetch``: start reading the loaded tensors' bytes in layout order on a background
     thread (see :mod:`prebake.cache.prefetch`), so touching tensors in execution order hits
     the page cache; it stops by itself once the tensors are garbage-collected.
+    ``quant``: for bakes with quantized blocks. ``"auto"``: a :class:`PackedTensor` where the
+    bake has blocks and no float copy, plain tensors elsewhere. The recipe (``"q4_k_m"``), a
+    type (``"q4_k"``) or ``"packed"``: packed wherever the bake has such blocks. ``None``:
+    plain tensors only, unpacking (copying) those the bake holds only as blocks.
 
     >>> sd = load_from_manifest("baked/")                                    # doctest: +SKIP
     >>> model.load_state_dict(sd, assign=True)                               # doctest: +SKIP
@@ -53,23 +60,27 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     elif component is not None:
         raise KeyError(f"the bake has no components (asked for {component!r})")
     if variant is not None:
-        return _load_variant(m, variant, names, device, prefetch)
-    wanted = _selector(names, m.tensors.keys() | m.aliases.keys())
+        return _load_variant(m, variant, names, device, prefetch, quant)
+    wanted = _selector(names, m.tensors.keys() | m.aliases.keys() | m.quantized.keys())
+    packed = {n for n in _packed_names(m, quant) if wanted(n)}
     targets = {a.target for n, a in m.aliases.items() if wanted(n)}
-    storages: dict[int, torch.UntypedStorage] = {}
-    out: dict[str, torch.Tensor] = {}
+    shards = _Shards(m)
+    out: dict[str, torch.Tensor | PackedTensor] = {}
     for name, e in m.tensors.items():
-        if not (wanted(name) or name in targets):
-            continue
-        storage = storages.get(e.shard)
-        if storage is None:
-            storage = storages[e.shard] = map_shard(m.shard_path(e.shard), m.shards[e.shard].size)
-        out[name] = view(storage, TORCH_DTYPES[e.dtype], e.offset, e.shape)
-    if prefetch and device is not None and torch.device(device).type == "cpu":
+        if (wanted(name) and name not in packed) or name in targets:
+            out[name] = view(shards[e.shard], TORCH_DTYPES[e.dtype], e.offset, e.shape)
+    for name, q in m.quantized.items():
+        if name in packed or (wanted(name) and name not in m.tensors):
+            blocks = view(shards[q.shard], torch.uint8, q.offset, blocks_shape(q.qtype, tuple(q.shape)))
+            out[name] = PackedTensor(blocks, q.qtype, q.shape, TORCH_DTYPES[q.dtype])
+            if name not in packed:  # quant=None: the caller wants plain tensors
+                out[name] = out[name].dequantize()
+    out = dict(sorted(out.items(), key=lambda kv: _position(m, kv[0])))
+    if prefetch and torch.device(device).type == "cpu":
         from prebake.cache.prefetch import Prefetcher, shard_ranges
 
-        Prefetcher(shard_ranges(m, out), owners=storages.values())
-    if device is not None and torch.device(device).type != "cpu":
+        Prefetcher(shard_ranges(m, out), owners=shards.values())
+    if torch.device(device).type != "cpu":
         out = {k: v.to(device) for k, v in out.items()}
     for name, a in m.aliases.items():
         if wanted(name):
@@ -79,6 +90,37 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
         if not wanted(name):
             del out[name]
     return out
+
+
+class _Shards(dict):
+    """Shard index -> its mapping, made on first use (so unneeded shards are never mapped)."""
+
+    def __init__(self, m: Manifest):
+        super().__init__()
+        self.m = m
+
+    def __missing__(self, index: int) -> torch.UntypedStorage:
+        storage = self[index] = map_shard(self.m.shard_path(index), self.m.shards[index].size)
+        return storage
+
+
+def _position(m: Manifest, name: str) -> tuple[int, int]:
+    e = m.tensors.get(name) or m.quantized[name]
+    return e.shard, e.offset
+
+
+def _packed_names(m: Manifest, quant: str | None) -> set[str]:
+    if not m.quantized or quant is None:
+        return set()
+    if quant == "auto":
+        return set(m.quantized) - set(m.tensors)
+    if quant in ("packed", m.options.get("quant")):
+        return set(m.quantized)
+    chosen = {n for n, q in m.quantized.items() if q.qtype.lower() == quant.lower()}
+    if not chosen:
+        kinds = sorted({q.qtype.lower() for q in m.quantized.values()} | {m.options.get("quant") or "packed"})
+        raise KeyError(f"the bake has no {quant!r} blocks (it has {kinds})")
+    return chosen
 
 
 def map_shard(path: Path, size: int) -> torch.UntypedStorage:
@@ -98,13 +140,14 @@ def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape) 
     return t.set_(storage, offset // itemsize, tuple(shape))
 
 
-def _load_variant(m: Manifest, variant: str, names: Names, device, prefetch: bool) -> dict[str, torch.Tensor]:
+def _load_variant(m: Manifest, variant: str, names: Names, device, prefetch: bool, quant) -> dict[str, torch.Tensor]:
     if variant not in m.variants:
         raise KeyError(f"the bake has no variant {variant!r} (it has {sorted(m.variants) or 'none'})")
     entries = m.variants[variant]["tensors"]
     wanted = _selector(names, entries.keys())
     entries = {n: e for n, e in entries.items() if wanted(n)}
-    stored = load_from_manifest(m, names={e["source"] for e in entries.values()}, device=device, prefetch=prefetch)
+    stored = load_from_manifest(m, names={e["source"] for e in entries.values()}, device=device, prefetch=prefetch,
+                                quant=quant)
     return {n: _rows(stored[e["source"]], e.get("rows")) for n, e in entries.items()}
 
 

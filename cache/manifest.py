@@ -11,6 +11,9 @@
       "shards": [{"file", "size", "data_offset"}],
       "tensors": {name: {"dtype", "shape", "shard", "offset", "nbytes", "checksum", "source_dtype"?}},
       "aliases": {name: {"target", "storage_offset", "shape", "strides"}},
+      "quantized": {name: {"qtype", "shape", "dtype", "shard", "offset", "nbytes", "checksum"}},
+                                                        # GGML blocks (U8 in their own shards); shape
+                                                        # and dtype are the logical tensor's
       "padding": [names of padding entries, which loaders skip],
       "files": [{"path", "size", "checksum"}],          # config.json, tokenizer, ... copied as they are
       "skipped": [{"name", "kind"}],                    # non-tensor leaves of pickled checkpoints
@@ -56,6 +59,18 @@ class TensorEntry(NamedTuple):
     source_dtype: str | None = None
 
 
+class QuantEntry(NamedTuple):
+    """GGML blocks of a tensor: ``shape``/``dtype`` are the logical tensor's, the rest the blob's."""
+
+    qtype: str
+    shape: list[int]
+    dtype: str
+    shard: int
+    offset: int
+    nbytes: int
+    checksum: str
+
+
 class AliasEntry(NamedTuple):
     target: str
     storage_offset: int
@@ -86,6 +101,7 @@ class Manifest:
     shards: list[ShardEntry]
     tensors: dict[str, TensorEntry]
     aliases: dict[str, AliasEntry] = field(default_factory=dict)
+    quantized: dict[str, QuantEntry] = field(default_factory=dict)
     padding: list[str] = field(default_factory=list)
     files: list[FileEntry] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
@@ -103,6 +119,7 @@ class Manifest:
              "options": self.options, "shards": [s._asdict() for s in self.shards],
              "tensors": {k: _compact(v._asdict()) for k, v in self.tensors.items()},
              "aliases": {k: v._asdict() for k, v in self.aliases.items()},
+             "quantized": {k: v._asdict() for k, v in self.quantized.items()},
              "padding": self.padding, "files": [f._asdict() for f in self.files],
              "skipped": self.skipped, "metadata": self.metadata, "variants": self.variants,
              "components": self.components}
@@ -113,7 +130,7 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return sum(t.nbytes for t in self.tensors.values()) + sum(q.nbytes for q in self.quantized.values())
 
 
 def _compact(d: dict) -> dict:
@@ -156,6 +173,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             shards=[ShardEntry(**s) for s in d["shards"]],
             tensors={k: TensorEntry(**v) for k, v in d["tensors"].items()},
             aliases={k: AliasEntry(**v) for k, v in d.get("aliases", {}).items()},
+            quantized={k: QuantEntry(**v) for k, v in d.get("quantized", {}).items()},
             padding=d.get("padding", []), files=[FileEntry(**f) for f in d.get("files", [])],
             skipped=d.get("skipped", []), metadata=d.get("metadata", {}),
             variants=d.get("variants", {}), components=d.get("components", {}),

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 from prebake.cache.load import Names, load_from_manifest
+from prebake.cache.packed import PackedTensor
+from prebake.cache.qlinear import QuantLinear, dequantize_all, swap_linears
 from torch import nn
 
 
@@ -33,6 +35,16 @@ def params_on_meta():
         nn.Module.register_parameter = register
 
 
+def _is_quant_linear_weight(module: nn.Module, name: str) -> bool:
+    path, _, leaf = name.rpartition(".")
+    if leaf != "weight":
+        return False
+    try:
+        return isinstance(module.get_submodule(path), QuantLinear)
+    except AttributeError:
+        return False
+
+
 def _back_onto_the_map(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Re-points parameters that tying replaced with copies (transformers pads tied biases) at the map."""
     for name, p in module.named_parameters(remove_duplicate=False):
@@ -42,9 +54,12 @@ def _back_onto_the_map(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, strict: bool = True,
-                names: Names = None) -> nn.Module:
+                names: Names = None, quant: str | None = "auto") -> nn.Module:
     """``factory()`` builds the model with parameters on meta; the bake's tensors are assigned in.
 
+    Quantized weights (``quant``, as for :func:`load_from_manifest`) of ``nn.Linear`` layers
+    become :class:`~prebake.cache.qlinear.QuantLinear` layers that keep the blocks packed;
+    other packed tensors are unpacked.
     No parameter is initialised or copied: each one is a view of the bake's memory maps. Tied
     weights are re-tied (``tie_weights()``) before checking. With ``strict``, raises
     ``ValueError`` if a parameter is left unset or the bake holds a tensor the module lacks.
@@ -53,7 +68,11 @@ def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, st
     """
     with params_on_meta():
         module = factory()
-    state = load_from_manifest(path, names=names)
+    state = load_from_manifest(path, names=names, quant=quant)
+    packed = {k: v for k, v in state.items() if isinstance(v, PackedTensor)}
+    if packed:
+        swap_linears(module, packed)
+        state = dequantize_all({k: v for k, v in state.items() if not _is_quant_linear_weight(module, k)})
     result = module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):  # transformers models re-tie weights a checkpoint stores once
         module.tie_weights()

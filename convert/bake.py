@@ -59,7 +59,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
 def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options: Options, update,
               specs) -> Manifest:
     """Writes one model's bake (shards, files, variants, index, manifest) into ``folder``."""
-    shards, tensors = execute.write_shards(plan, folder, update)
+    shards, tensors, quantized = execute.write_shards(plan, folder, update)
     files = execute.copy_files(source.copy, folder)
     metadata = source.metadata
     if "gguf" in metadata:  # tokenizer arrays can hold 100k+ strings: keep them out of the manifest
@@ -68,12 +68,15 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
         metadata = {**metadata, "gguf": {k: v for k, v in metadata["gguf"].items()
                                          if not isinstance(v, list) or len(v) <= SHORT_LIST}}
     manifest = Manifest(
-        source=describe_source(source), options=_options(options), shards=shards, tensors=tensors,
+        source=describe_source(source), options=options.manifest_record(), shards=shards, tensors=tensors,
+        quantized=quantized,
         aliases={a.name: AliasEntry(a.target, a.storage_offset, list(a.shape), list(a.strides))
                  for a in plan.aliases},
         padding=[s.name for sh in plan.shards for s in sh.slots if is_padding(s.name)],
         files=files, skipped=[{"name": s.name, "kind": s.kind} for s in source.skipped],
         metadata=metadata, prebake_version=VERSION, created=_now(), root=root)
+    if plan.quant_kept:
+        manifest.metadata["quant_kept"] = plan.quant_kept
     add_variants(manifest, folder, specs)
     execute.write_json(folder / f"{source.stem}.safetensors.index.json", hf_index(manifest))
     execute.write_json(folder / MANIFEST_NAME, manifest.to_json())
@@ -96,14 +99,10 @@ def _bake_components(src: Path, sources: dict[str, Source], plans: dict[str, Bak
     fingerprint = xxhash.xxh3_128("".join(c["fingerprint"] for c in components.values()).encode()).hexdigest()
     manifest = Manifest(
         source={"path": str(src.resolve()), "format": "components", "files": [], "fingerprint": fingerprint},
-        options=_options(options), shards=[], tensors={}, files=files, components=components,
+        options=options.manifest_record(), shards=[], tensors={}, files=files, components=components,
         prebake_version=VERSION, created=_now(), root=root)
     execute.write_json(folder / MANIFEST_NAME, manifest.to_json())
     return manifest
-
-
-def _options(options: Options) -> dict:
-    return {"shard_size": options.shard_size, "align": options.align, "dtype": options.dtype}
 
 
 def _now() -> str:

@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from prebake.convert.quant_policy import RECIPES
 from prebake.formats.errors import PrebakeError
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
@@ -43,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="byte alignment of tensors of 1 MiB or more (default 4096)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="cast floating tensors (and dequantized GGUF tensors; default float16 for those)")
+    q = c.add_argument_group("quantization (GGML block layouts, bit-identical to gguf-py / llama.cpp)")
+    q.add_argument("--quant", metavar="TYPE", choices=RECIPES,
+                   help=f"bake quantized blocks of the linear layers' weights: {', '.join(RECIPES)} "
+                   "(q4_k_m: llama.cpp's mix of Q4_K and Q6_K)")
+    q.add_argument("--keep-float", action="store_true", help="with --quant: keep the float tensors too")
+    q.add_argument("--quant-embeddings", action="store_true", help="with --quant: quantize embeddings too")
+    q.add_argument("--quant-skip", action="append", default=[], metavar="GLOB",
+                   help="with --quant: never quantize tensors matching GLOB (repeatable)")
+    q.add_argument("--quant-only", action="append", default=[], metavar="GLOB",
+                   help="with --quant: quantize only tensors matching GLOB (repeatable)")
+    q.add_argument("--keep-quant", action="store_true",
+                   help="GGUF input: keep its quantized blocks as they are instead of dequantizing")
     c.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     c.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
@@ -65,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("out", help="bake folder")
     add.add_argument("spec", metavar="NAME=SPEC")
     _common(add)
+
+    w = sub.add_parser("warm", help="read a bake into the page cache, in layout order",
+                       description="Read every shard of a bake front to back in large blocks (the vmtouch-style "
+                       "warm-up), so the next start maps pages that are already in memory.")
+    w.add_argument("out", help="bake folder or its manifest.json")
+    _common(w)
+
+    ca = sub.add_parser("cache", help="the local cache of bakes (prebake.cache.ensure)",
+                        description="Bakes made by prebake.cache.ensure() live in $PREBAKE_CACHE "
+                        "(default ~/.cache/prebake), one folder per source and options.")
+    ca_sub = ca.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _common(ca_sub.add_parser("ls", help="list cached bakes, most recently used first"))
+    rm = ca_sub.add_parser("rm", help="remove cached bakes")
+    rm.add_argument("keys", nargs="*", metavar="KEY", help="entries to remove (see 'cache ls')")
+    rm.add_argument("--all", action="store_true", help="remove every entry")
+    _common(rm)
+    gc = ca_sub.add_parser("gc", help="remove least recently used bakes down to a size")
+    gc.add_argument("--max-size", type=parse_size, required=True, help="keep at most this much, e.g. 50GiB")
+    _common(gc)
 
     v = sub.add_parser("verify", help="re-check every checksum of a bake",
                        description="Recompute every tensor's and copied file's checksum; report the first "
@@ -115,7 +147,10 @@ def cmd_convert(args) -> dict:
     from prebake.convert.bake import convert
     from prebake.convert.plan import DTYPE_NAMES, Options
 
-    options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None)
+    options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None,
+                      quant=args.quant, keep_float=args.keep_float, quant_embeddings=args.quant_embeddings,
+                      quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only),
+                      keep_quant=args.keep_quant)
     if args.dry_run:
         from prebake.convert.plan import plan_bake
         from prebake.convert.sources import open_source
@@ -127,7 +162,8 @@ def cmd_convert(args) -> dict:
         return summary
     m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"),
                 variants=args.variant)
-    result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "aliases": len(m.aliases),
+    result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "quantized": len(m.quantized),
+              "aliases": len(m.aliases),
               "shards": len(m.shards), "bytes": m.total_bytes, "files": [f.path for f in m.files],
               "skipped": m.skipped}
     if m.components:
@@ -139,7 +175,10 @@ def cmd_convert(args) -> dict:
                   f"tensors ({_human(result['bytes'])}) at {args.out}")
     elif not args.json:
         print(f"baked {len(m.tensors)} tensors ({_human(m.total_bytes)}) into {len(m.shards)} shard(s) "
-              f"at {args.out}" + (f"; {len(m.aliases)} aliases" if m.aliases else ""))
+              f"at {args.out}" + (f"; {len(m.aliases)} aliases" if m.aliases else "")
+              + (f"; {len(m.quantized)} quantized" if m.quantized else ""))
+        for name, why in m.metadata.get("quant_kept", {}).items():
+            print(f"  kept unquantized {name}: {why}")
         for s in m.skipped:
             print(f"  skipped non-tensor {s['name']} ({s['kind']})")
     return result
@@ -154,6 +193,8 @@ def cmd_inspect(args) -> dict:
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
     info = {"source": m.source["path"], "format": m.source["format"], "created": m.created,
             "tensors": len(m.tensors), "bytes": m.total_bytes, "dtypes": dtypes,
+            "quantized": {q: sum(e.nbytes for e in m.quantized.values() if e.qtype == q)
+                          for q in sorted({e.qtype for e in m.quantized.values()})},
             "shards": [{"file": s.file, "bytes": s.size} for s in m.shards],
             "aliases": {k: a.target for k, a in m.aliases.items()}, "padding_entries": len(m.padding),
             "files": [f.path for f in m.files], "skipped": m.skipped, "options": m.options,
@@ -168,6 +209,8 @@ def cmd_inspect(args) -> dict:
         print(f"{args.out}: {info['tensors']} tensors, {_human(info['bytes'])} from {info['source']} "
               f"({info['format']}), made {info['created']}")
         print("  dtypes: " + ", ".join(f"{k} {_human(v)}" for k, v in dtypes.items()))
+        if info["quantized"]:
+            print("  quantized: " + ", ".join(f"{k} {_human(v)}" for k, v in info["quantized"].items()))
         for s in info["shards"]:
             print(f"  {s['file']}  {_human(s['bytes'])}")
         for k, v in info["aliases"].items():
@@ -196,6 +239,51 @@ def cmd_variant(args) -> dict:
             "tensors": len(record["tensors"])}
 
 
+def cmd_warm(args) -> dict:
+    import time
+
+    from prebake.cache.manifest import read_manifest
+    from prebake.cache.prefetch import Prefetcher, shard_ranges
+
+    m = read_manifest(args.out)
+    ranges = [r for c in m.components.values() for r in shard_ranges(read_manifest(m.root / c["path"]))]
+    ranges += shard_ranges(m)
+    start = time.perf_counter()
+    p = Prefetcher(ranges)
+    p.join()
+    seconds = time.perf_counter() - start
+    if not args.json:
+        print(f"warmed {_human(p.done_bytes)} in {seconds:.2f} s ({p.done_bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
+    return {"bytes": p.done_bytes, "seconds": seconds}
+
+
+def cmd_cache(args) -> dict:
+    from prebake.cache import store
+
+    if args.action == "ls":
+        rows = store.entries()
+        if not args.json:
+            print(f"{store.cache_root()}: {len(rows)} bakes, {_human(sum(e.bytes for e in rows))}")
+            for e in rows:
+                print(f"  {e.key}  {_human(e.bytes):>10}  {e.source}")
+        return {"root": str(store.cache_root()), "entries": [
+            {"key": e.key, "path": str(e.path), "source": e.source, "bytes": e.bytes, "last_used": e.last_used}
+            for e in rows]}
+    if args.action == "rm":
+        keys = [e.key for e in store.entries()] if args.all else args.keys
+        removed = [k for k in keys if store.remove(k)]
+        missing = sorted(set(keys) - set(removed))
+        if missing:
+            raise ValueError(f"no cache entry {missing[0]!r} (see 'prebake cache ls')")
+        if not args.json:
+            print(f"removed {len(removed)} bake(s)")
+        return {"removed": removed}
+    removed = store.gc(args.max_size)
+    if not args.json:
+        print(f"removed {len(removed)} bake(s), {_human(sum(e.bytes for e in removed))}")
+    return {"removed": [e.key for e in removed], "bytes": sum(e.bytes for e in removed)}
+
+
 def cmd_verify(args) -> dict:
     from prebake.cache.integrity import verify
     from prebake.cache.manifest import read_manifest
@@ -215,7 +303,8 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant}
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
+            "warm": cmd_warm, "cache": cmd_cache}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
-from prebake.cache.manifest import FileEntry, ShardEntry, TensorEntry
+from prebake.cache.manifest import FileEntry, QuantEntry, ShardEntry, TensorEntry
 from prebake.convert.plan import BakePlan, ShardPlan
 from prebake.convert.transforms import chunks
 from prebake.formats.errors import FormatError, OutputError
@@ -23,13 +23,15 @@ from prebake.formats.safetensors_writer import ShardWriter
 Progress = Callable[[int], None]
 
 
-def write_shards(plan: BakePlan, folder: Path, progress: Progress = lambda n: None) -> tuple[list[ShardEntry], dict[str, TensorEntry]]:
+def write_shards(plan: BakePlan, folder: Path, progress: Progress = lambda n: None
+                 ) -> tuple[list[ShardEntry], dict[str, TensorEntry], dict[str, QuantEntry]]:
     """Writes every shard of ``plan`` into ``folder``; returns their manifest entries."""
-    shards, tensors = [], {}
+    shards, tensors, quantized = [], {}, {}
     for index, shard in enumerate(plan.shards):
         shards.append(ShardEntry(shard.file, shard.size, len(shard.header)))
-        tensors.update(_write_shard(index, shard, folder / shard.file, progress))
-    return shards, tensors
+        for name, entry in _write_shard(index, shard, folder / shard.file, progress).items():
+            (quantized if isinstance(entry, QuantEntry) else tensors)[name] = entry
+    return shards, tensors, quantized
 
 
 def _write_shard(index: int, shard: ShardPlan, path: Path, progress: Progress) -> dict[str, TensorEntry]:
@@ -46,9 +48,14 @@ def _write_shard(index: int, shard: ShardPlan, path: Path, progress: Progress) -
                 h.update(piece)
                 _guard(lambda b=piece: writer.write(b), path)
                 progress(len(piece))
-            entries[p.name] = TensorEntry(p.dtype, list(p.source.shape), index, len(shard.header) + slot.offset,
-                                          slot.nbytes, h.hexdigest(),
-                                          None if p.transform == "copy" else p.source.dtype)
+            offset = len(shard.header) + slot.offset
+            if p.qtype is not None:
+                logical = p.source.dtype if p.transform == "quantize" else "F32"
+                entries[p.name] = QuantEntry(p.qtype, list(p.source.shape), logical, index, offset, slot.nbytes,
+                                             h.hexdigest())
+            else:
+                entries[p.name] = TensorEntry(p.dtype, list(p.source.shape), index, offset, slot.nbytes,
+                                              h.hexdigest(), None if p.transform == "copy" else p.source.dtype)
         _guard(writer.close, path)
     except BaseException:
         writer.abort() if writer.fd >= 0 else None

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prebake.convert.order import execution_order
+from prebake.convert.quant_policy import QuantPolicy, choose
 from prebake.formats.errors import FormatError
+from prebake.formats.ggml_types import blocks_shape
 from prebake.formats.safetensors_writer import Slot, header_bytes, place
-from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo
+from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo, numel
 
 GIB = 1 << 30
 DTYPE_NAMES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
@@ -26,26 +28,58 @@ class Options:
     shard_size: int = 2 * GIB
     align: int = 4096
     dtype: str | None = None  # cast floating tensors to this safetensors code
+    quant: str | None = None  # a recipe of prebake.convert.quant_policy: q8_0, q4_k, q4_k_m, ...
+    keep_float: bool = False  # with quant: keep the float tensors beside their blocks
+    quant_embeddings: bool = False
+    quant_skip: tuple[str, ...] = ()
+    quant_only: tuple[str, ...] = ()
+    keep_quant: bool = False  # GGUF blocks stay blocks (no dequantize/requantize round trip)
 
     def __post_init__(self):
         if self.align < 8 or self.align & (self.align - 1):
             raise ValueError(f"--align must be a power of two >= 8, not {self.align}")
         if self.shard_size < 1:
             raise ValueError("--shard-size must be positive")
+        if self.quant:
+            QuantPolicy(self.quant)  # validates the recipe
+
+    @property
+    def policy(self) -> QuantPolicy | None:
+        if not self.quant:
+            return None
+        return QuantPolicy(self.quant, self.quant_embeddings, tuple(self.quant_skip), tuple(self.quant_only))
+
+    def manifest_record(self) -> dict:
+        out = {"shard_size": self.shard_size, "align": self.align, "dtype": self.dtype}
+        if self.quant or self.keep_quant:
+            out.update(quant=self.quant, keep_float=self.keep_float, quant_embeddings=self.quant_embeddings,
+                       quant_skip=list(self.quant_skip), quant_only=list(self.quant_only),
+                       keep_quant=self.keep_quant)
+        return out
 
 
 @dataclass(frozen=True)
 class Planned:
-    """A tensor to write: where its bytes come from and how they are transformed."""
+    """A tensor to write: where its bytes come from and how they are transformed.
+
+    ``transform`` is "copy", "cast", "dequantize" (GGML blocks to ``dtype``), "quantize" (to the
+    GGML blocks of ``qtype``) or "blocks" (GGML blocks kept as they are). Blocks are stored as
+    ``U8`` of shape (rows, bytes per row).
+    """
 
     name: str
     source: TensorInfo = field(repr=False)
     dtype: str  # as stored in the bake
-    transform: str  # "copy", "cast" or "dequantize"
+    transform: str
+    qtype: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape if self.qtype is None else blocks_shape(self.qtype, self.source.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.source.numel * DTYPE_SIZES[self.dtype]
+        return numel(self.shape) * DTYPE_SIZES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -81,6 +115,7 @@ class BakePlan:
     aliases: list[Alias]
     skipped: list[SkippedLeaf]
     options: Options
+    quant_kept: dict[str, str] = field(default_factory=dict)  # eligible tensors left unquantized, and why
 
     @property
     def total_bytes(self) -> int:
@@ -92,20 +127,40 @@ class BakePlan:
             "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors),
                         "padding": sum(x.is_padding for x in s.slots)} for s in self.shards],
             "aliases": {a.name: a.target for a in self.aliases},
-            "transforms": {p.name: f"{p.source.dtype}->{p.dtype}" for s in self.shards
+            "transforms": {p.name: f"{p.source.dtype}->{p.qtype or p.dtype}" for s in self.shards
                            for p in s.tensors.values() if p.transform != "copy"},
+            "quant_kept": self.quant_kept,
         }
 
 
 def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[SkippedLeaf] = (),
               stem: str = "model") -> BakePlan:
-    """Plans a bake of ``tensors`` (from every source file, in file order) into ``stem*.safetensors``."""
+    """Plans a bake of ``tensors`` (from every source file, in file order) into ``stem*.safetensors``.
+
+    Quantized blocks go to shards of their own, ``stem-RECIPE*.safetensors``, so the float
+    shards and their Hugging Face index stay what stock loaders expect.
+    """
     by_name = _unique(tensors)
     order = execution_order(list(by_name))
     stored, aliases = find_aliases([by_name[n] for n in order])
-    planned = [_planned(t, options) for t in stored]
-    shards = _shard(planned, options, stem)
-    return BakePlan(shards, aliases, list(skipped), options)
+    chosen, kept = choose(options.policy, stored) if options.policy else ({}, {})
+    targets = {a.target for a in aliases}  # aliases view float bytes: their targets keep them
+    floats, blocks = [], []
+    for t in stored:
+        if options.keep_quant and t.dtype not in DTYPE_SIZES:
+            blocks.append(Planned(t.name, t, "U8", "blocks", t.dtype))
+            continue
+        if t.name in chosen:
+            blocks.append(Planned(t.name, t, "U8", "quantize", chosen[t.name]))
+            if not (options.keep_float or t.name in targets):
+                continue
+        floats.append(_planned(t, options))
+    shards = _shard(floats, options, stem, 0)
+    if blocks:
+        shards += _shard(blocks, options, f"{stem}-{options.quant or 'gguf'}", len(shards))
+    plan = BakePlan(shards, aliases, list(skipped), options)
+    plan.quant_kept = kept
+    return plan
 
 
 def _unique(tensors: list[TensorInfo]) -> dict[str, TensorInfo]:
@@ -158,7 +213,7 @@ def find_aliases(tensors: list[TensorInfo]) -> tuple[list[TensorInfo], list[Alia
     return stored, aliases
 
 
-def _shard(planned: list[Planned], options: Options, stem: str) -> list[ShardPlan]:
+def _shard(planned: list[Planned], options: Options, stem: str, first: int) -> list[ShardPlan]:
     groups: list[list[Planned]] = [[]]
     size = 0
     for p in planned:
@@ -171,8 +226,8 @@ def _shard(planned: list[Planned], options: Options, stem: str) -> list[ShardPla
     shards = []
     for i, group in enumerate(groups):
         file = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
-        items = [(p.name, p.dtype, p.source.shape, p.nbytes, DTYPE_SIZES[p.dtype]) for p in group]
-        slots = place(items, options.align, i)
+        items = [(p.name, p.dtype, p.shape, p.nbytes, DTYPE_SIZES[p.dtype]) for p in group]
+        slots = place(items, options.align, first + i)
         shard = ShardPlan(file, slots, {p.name: p for p in group})
         shard.header = header_bytes(slots, {"format": "pt"}, options.align)
         shards.append(shard)

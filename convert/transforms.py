@@ -19,8 +19,10 @@ CHUNK = 64 << 20
 def chunks(p: Planned, chunk: int = CHUNK) -> Iterator[memoryview]:
     """Yields the bytes of ``p`` as stored in the bake, in order, each at most about ``chunk``."""
     data = p.source.read()
-    if p.transform == "copy":
+    if p.transform in ("copy", "blocks"):
         yield from _copy_chunks(data, chunk)
+    elif p.transform == "quantize":
+        yield from _quantize(p, data, chunk)
     elif p.transform == "cast":
         src, dst = numpy_dtype(p.source.dtype), numpy_dtype(p.dtype)
         for rows in _row_blocks(data, chunk // max(src.itemsize, dst.itemsize)):
@@ -61,6 +63,15 @@ def _dequantize(p: Planned, blocks: np.ndarray, chunk: int) -> Iterator[memoryvi
     rows_per = max(1, chunk // (4 * row_elems))
     for i in range(0, blocks.shape[0], rows_per):
         yield _bytes(gguf.quants.dequantize(blocks[i:i + rows_per], qtype).astype(dst, copy=False))
+
+
+def _quantize(p: Planned, data: np.ndarray, chunk: int) -> Iterator[memoryview]:
+    from prebake.formats.quants import quantize
+
+    src = numpy_dtype(p.source.dtype)
+    for rows in _row_blocks(data, chunk // 4):
+        floats = np.ascontiguousarray(rows).view(src).astype(np.float32, copy=False)
+        yield _bytes(quantize(floats, p.qtype))
 
 
 def _bytes(a: np.ndarray) -> memoryview:

@@ -1,0 +1,132 @@
+"""Quantized tensors at run time: GGML blocks kept packed in the memory map.
+
+A :class:`PackedTensor` holds a zero-copy ``uint8`` view of the blocks, the GGML type and the
+logical shape and dtype; ``dequantize()`` unpacks it with torch, vectorized over all blocks.
+The arithmetic follows gguf-py's ``dequantize_blocks`` step for step in float32, so the result
+equals ``gguf.quants.dequantize`` bit for bit (then one cast to the dtype asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from prebake.formats.ggml_types import QUANT_SIZES
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian fp16 fields (n, 2) -> float32 (n, 1)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, k) bytes -> (n, 2k): low nibbles first, then high, as GGML's 32-blocks lay them out."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _bits(qh: torch.Tensor) -> torch.Tensor:
+    """(n, 4) bytes of a little-endian u32 -> (n, 32) of its bits, bit 0 first."""
+    word = qh.contiguous().view(torch.int32)
+    return ((word >> torch.arange(32, dtype=torch.int32, device=qh.device)) & 1).to(torch.uint8)
+
+
+def _q8_0(b):
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+
+
+def _q4_0(b):
+    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+
+
+def _q4_1(b):
+    return (_f16(b[:, :2]) * _nibbles(b[:, 4:]).float()) + _f16(b[:, 2:4])
+
+
+def _q5_0(b):
+    q = (_nibbles(b[:, 6:]) | (_bits(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return _f16(b[:, :2]) * q.float()
+
+
+def _q5_1(b):
+    q = _nibbles(b[:, 8:]) | (_bits(b[:, 4:8]) << 4)
+    return (_f16(b[:, :2]) * q.float()) + _f16(b[:, 2:4])
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    scales = b[:, 4:16].reshape(n, 3, 4)
+    d_, m_, md = scales[:, 0], scales[:, 1], scales[:, 2]
+    sc = torch.cat([d_ & 0x3F, (md & 0x0F) | ((d_ >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m_ & 0x3F, (md >> 4) | ((m_ >> 2) & 0x30)], dim=1)
+    d = (_f16(b[:, :2]) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mn.float()).reshape(n, 8, 1)
+    qs = b[:, 16:].reshape(n, 4, 1, 32)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32).float()
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
+    ql = b[:, :128].reshape(n, 2, 1, 64)
+    ql = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 8, 32)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    qh = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2).reshape(n, 8, 32)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).reshape(n, 256)
+
+
+DEQUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q6_K": _q6_k,
+}
+
+
+def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """(n, block bytes) uint8 -> (n, block elements) float32; types without a torch kernel go
+    through gguf-py (on the CPU)."""
+    fn = DEQUANTIZERS.get(qtype)
+    if fn is not None:
+        return fn(blocks)
+    import gguf
+
+    out = gguf.quants.dequantize(blocks.cpu().numpy(), gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(out.reshape(blocks.shape[0], -1)).to(blocks.device)
+
+
+class PackedTensor:
+    """GGML blocks of a logical tensor, left packed (a view of the bake's memory map)."""
+
+    __slots__ = ("blocks", "qtype", "shape", "dtype")
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, shape, dtype: torch.dtype):
+        self.blocks = blocks  # uint8, (rows, bytes per row)
+        self.qtype = qtype
+        self.shape = torch.Size(shape)
+        self.dtype = dtype  # the logical tensor's (what dequantize() returns by default)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def to(self, device) -> PackedTensor:
+        return PackedTensor(self.blocks.to(device), self.qtype, self.shape, self.dtype)
+
+    def rows(self, start: int, stop: int) -> PackedTensor:
+        """Rows ``start:stop`` of a packed matrix (a view of the same blocks)."""
+        stop = min(stop, self.shape[0])
+        return PackedTensor(self.blocks[start:stop], self.qtype, (stop - start, *self.shape[1:]), self.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The logical tensor, unpacked into new memory (float32 math, one cast at the end)."""
+        size = QUANT_SIZES[self.qtype][1]
+        flat = dequantize_blocks(self.blocks.reshape(-1, size), self.qtype)
+        return flat.reshape(self.shape).to(dtype or self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"PackedTensor({self.qtype}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"{self.nbytes} bytes)")

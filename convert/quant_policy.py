@@ -1,0 +1,95 @@
+"""Which tensors are quantized, and to which GGML block type.
+
+Defaults follow what works for LLMs: quantize the 2-D weight matrices of linear layers; keep
+embeddings (unless asked), norms, biases, 1-D and small tensors in their dtype. A recipe is a
+single type (``q8_0``, ``q4_k``, ...) or a llama.cpp-style mix: ``q4_k_m`` puts the output
+head, and ``attn_v``/``ffn_down`` of the layers llama.cpp's ``use_more_bits`` picks, at Q6_K
+and everything else at Q4_K; ``q5_k_m``-style mixes are not offered.
+
+Rows whose length is not a multiple of the type's block fall back as llama.cpp does (Q4_K ->
+Q5_0, Q6_K -> Q8_0, when the row fits a 32-block), else stay unquantized and are reported.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from prebake.convert.order import is_head, layer_of
+from prebake.formats.errors import PrebakeError
+from prebake.formats.tensor import FLOAT_DTYPES, TensorInfo
+
+SINGLE = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
+          "q4_k": "Q4_K", "q6_k": "Q6_K"}
+RECIPES = (*SINGLE, "q4_k_m")
+BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q6_K": 256}
+FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+MIN_ELEMENTS = 4096  # smaller matrices are not worth a codec
+_EMBEDDING = re.compile(r"embed|wte\b|wpe\b|token_embd|word_embeddings|position_embeddings|^shared\.")
+_ATTN_V = re.compile(r"(v_proj|attn_v|\.value)\.weight$")
+_FFN_DOWN = re.compile(r"(down_proj|ffn_down|\.w2|fc2|dense_4h_to_h)\.weight$")
+
+
+class QuantError(PrebakeError, ValueError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    recipe: str
+    embeddings: bool = False  # quantize embeddings too
+    skip: tuple[str, ...] = ()  # globs: never quantize
+    only: tuple[str, ...] = ()  # globs: quantize only these
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise QuantError(f"unknown --quant {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+
+
+def choose(policy: QuantPolicy, tensors: list[TensorInfo]) -> tuple[dict[str, str], dict[str, str]]:
+    """Returns ({name: GGML type} to quantize, {name: why not} for eligible-looking tensors kept)."""
+    n_layers = 1 + max((layer_of(t.name)[1][0] for t in tensors if layer_of(t.name)), default=0)
+    chosen, kept = {}, {}
+    for t in tensors:
+        if not _eligible(policy, t):
+            continue
+        qtype = _type_for(policy.recipe, t.name, n_layers)
+        row = t.shape[-1]
+        if row % BLOCK[qtype]:
+            fallback = FALLBACK.get(qtype)
+            if fallback is None or row % BLOCK[fallback]:
+                kept[t.name] = f"row of {row} is not a multiple of the {qtype} block ({BLOCK[qtype]})"
+                continue
+            qtype = fallback
+        chosen[t.name] = qtype
+    return chosen, kept
+
+
+def _eligible(policy: QuantPolicy, t: TensorInfo) -> bool:
+    if t.dtype not in FLOAT_DTYPES or len(t.shape) != 2 or t.numel < MIN_ELEMENTS:
+        return False
+    if policy.only:
+        return any(fnmatch.fnmatchcase(t.name, g) for g in policy.only) and \
+            not any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip)
+    if any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip):
+        return False
+    if _EMBEDDING.search(t.name) and layer_of(t.name) is None:
+        return policy.embeddings
+    return t.name.endswith(".weight") or t.name.endswith("_proj")
+
+
+def _type_for(recipe: str, name: str, n_layers: int) -> str:
+    if recipe in SINGLE:
+        return SINGLE[recipe]
+    layer = layer_of(name)
+    if layer is None:
+        return "Q6_K" if is_head(name) else "Q4_K"
+    if (_ATTN_V.search(name) or _FFN_DOWN.search(name)) and use_more_bits(layer[1][0], n_layers):
+        return "Q6_K"
+    return "Q4_K"
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits in its _M mixes."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2

@@ -1,0 +1,463 @@
+"""GGML block quantization: one codec per block type, bit-exact with the references.
+
+Each codec turns float32 rows into GGUF's block bytes and back. Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
+match gguf-py's numpy quantizer (``gguf.quants``) byte for byte, which itself follows
+``quantize_row_*_ref`` in llama.cpp's ``ggml-quants.c``; the K-quants (Q4_K, Q6_K, in
+:mod:`prebake.formats.quants_k`) match llama.cpp's ``quantize_row_q*_K_ref``. Every
+dequantizer matches ``gguf.quants.dequantize`` bit for bit.
+
+Bit-exactness means doing the references' float32 operations in the references' order: no
+float64, no fused multiply-add, no reassociated sums. Each codec works on all blocks of a chunk
+at once with numpy; no Python loop runs per block.
+
+>>> import numpy as np
+>>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+>>> q = quantize(x, "Q8_0")
+>>> q.shape, q.dtype
+((2, 34), dtype('uint8'))
+>>> float(abs(dequantize(q, "Q8_0") - x).max()) < 0.01
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from .errors import UnsupportedError
+
+# elements per block, bytes per block (ggml-common.h)
+BLOCK_SIZES: dict[str, tuple[int, int]] = {
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q4_K": (256, 144),
+    "Q6_K": (256, 210),
+}
+QTYPES: tuple[str, ...] = tuple(BLOCK_SIZES)
+
+_F32 = np.float32
+# nextafter(0.5, 0): trunc(v + copysign(this, v)) rounds half away from zero, exactly, for |v| < 2**23
+_HALF_BELOW = np.nextafter(_F32(0.5), _F32(0))
+
+_CODECS: dict[str, type[BlockCodec]] = {}
+
+
+class _NonFinite(Exception):
+    """Raised inside a codec when a block holds NaN or infinity; the driver reports where."""
+
+
+class BlockCodec:
+    """One GGML block format, registered by ``qtype`` (the shape of gguf-py's ``__Quant``).
+
+    Subclasses implement ``quantize_blocks`` and ``dequantize_blocks`` over a whole chunk of
+    blocks with numpy and write into a preallocated output, so the driver never concatenates.
+    """
+
+    qtype: str
+    block_size: int
+    type_size: int
+    # blocks per codec call: bounds memory (~1 MiB of float32 input at a time) while keeping
+    # numpy's per-call overhead small next to the work
+    chunk_blocks: int = 8192
+
+    def __init_subclass__(cls, qtype: str, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.qtype = qtype
+        cls.block_size, cls.type_size = BLOCK_SIZES[qtype]
+        _CODECS[qtype] = cls
+
+    @classmethod
+    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
+        """Write blocks ``x`` (n, block_size) float32 into ``out`` (n, type_size) uint8."""
+        raise NotImplementedError(f"{cls.qtype} cannot quantize")
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
+        """Write blocks ``blocks`` (n, type_size) uint8 into ``out`` (n, block_size) float32."""
+        raise NotImplementedError(f"{cls.qtype} cannot dequantize")
+
+
+class Scratch:
+    """Named work arrays, reused across the chunks of one call.
+
+    A fresh multi-MiB temporary per chunk goes back to the OS when freed and faults its pages in
+    again on the next chunk, which costs more than the arithmetic on it. The arrays are
+    page-aligned: arrays at arbitrary offsets from each other modulo 4 KiB can hit 4K-aliasing
+    stalls that make one pass several times slower.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+        self._views: dict[tuple[str, tuple[int, ...], type], np.ndarray] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        key = (name, shape, dtype)
+        view = self._views.get(key)
+        if view is None:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            buf = self._buffers.get(name)
+            if buf is None or buf.size < nbytes:
+                raw = np.empty(nbytes + 4096, np.uint8)
+                start = -raw.ctypes.data % 4096
+                buf = self._buffers[name] = raw[start : start + nbytes]
+                self._views = {k: v for k, v in self._views.items() if k[0] != name}
+            view = self._views[key] = buf[:nbytes].view(dtype).reshape(shape)
+        return view
+
+    def copy(self, name: str, values: np.ndarray) -> np.ndarray:
+        """``values`` copied to a page-aligned work array, ready to broadcast against others."""
+        out = self(name, values.shape, values.dtype.type)
+        np.copyto(out, values)
+        return out
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def quantize(data: np.ndarray, qtype: str) -> np.ndarray:
+    """Quantize ``data`` (..., n) to GGUF block bytes (..., n // block_size * type_size).
+
+    ``n`` must be a multiple of the block size; NaN or infinity raise
+    :class:`~prebake.formats.errors.UnsupportedError`. Rows are processed a chunk at a time,
+    so memory beyond input and output stays bounded; a contiguous input is never copied whole.
+    """
+    codec = _codec(qtype)
+    data = np.asarray(data)
+    rows = _as_rows(data, codec.block_size, codec.qtype, "row length")
+    bs, ts = codec.block_size, codec.type_size
+    out = np.empty((rows.shape[0], rows.shape[1] // bs * ts), np.uint8)
+    ws = Scratch()
+    # overflow and invalid operations inside a block are the reference's own arithmetic
+    with np.errstate(all="ignore"):
+        for r, b0, b1 in _windows(rows.shape[0], rows.shape[1] // bs, codec.chunk_blocks):
+            x = np.ascontiguousarray(rows[r, b0 * bs : b1 * bs], dtype=_F32).reshape(-1, bs)
+            try:
+                codec.quantize_blocks(x, out[r, b0 * ts : b1 * ts].reshape(-1, ts), ws)
+            except _NonFinite:
+                raise _non_finite_error(x, codec.qtype, r.start, b0 * bs, (b1 - b0) * bs) from None
+    return out.reshape(*data.shape[:-1], out.shape[-1])
+
+
+def dequantize(blocks: np.ndarray, qtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Decode GGUF block bytes (..., k * type_size) to float32 (..., k * block_size).
+
+    With ``shape`` (the tensor's element shape), ``blocks`` may be flat bytes of any layout and
+    the result takes that shape.
+    """
+    codec = _codec(qtype)
+    bs, ts = codec.block_size, codec.type_size
+    raw = np.frombuffer(blocks, np.uint8) if isinstance(blocks, (bytes, bytearray, memoryview)) else blocks
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8:
+        raw = raw.view(np.uint8)
+    if shape is not None:
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[-1] % bs:
+            raise UnsupportedError(f"{codec.qtype} tensor shape {shape} must end in a multiple of {bs}")
+        row_bytes = shape[-1] // bs * ts
+        if raw.size != int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes:
+            raise UnsupportedError(f"{raw.size} bytes of {codec.qtype} cannot hold a tensor of shape {shape}")
+        raw = raw.reshape(-1, row_bytes)
+    rows = _as_rows(raw, ts, codec.qtype, "bytes per row")
+    out = np.empty((rows.shape[0], rows.shape[1] // ts * bs), _F32)
+    with np.errstate(all="ignore"):
+        for r, b0, b1 in _windows(rows.shape[0], rows.shape[1] // ts, codec.chunk_blocks):
+            src = np.ascontiguousarray(rows[r, b0 * ts : b1 * ts]).reshape(-1, ts)
+            codec.dequantize_blocks(src, out[r, b0 * bs : b1 * bs].reshape(-1, bs))
+    return out.reshape(shape) if shape is not None else out.reshape(*raw.shape[:-1], out.shape[-1])
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def _codec(qtype: object) -> type[BlockCodec]:
+    name = str(getattr(qtype, "name", qtype)).upper()
+    codec = _CODECS.get(name)
+    if codec is None:
+        raise UnsupportedError(f"unknown GGML quantization type {qtype!r}; known: {', '.join(QTYPES)}")
+    return codec
+
+
+def _as_rows(data: np.ndarray, unit: int, qtype: str, what: str) -> np.ndarray:
+    if data.ndim == 0:
+        raise UnsupportedError(f"cannot {qtype}-code a 0-d array")
+    if data.shape[-1] % unit:
+        raise UnsupportedError(f"{what} {data.shape[-1]} is not a multiple of the {qtype} block ({unit})")
+    return data.reshape(-1, data.shape[-1])
+
+
+def _windows(n_rows: int, blocks_per_row: int, max_blocks: int) -> Iterator[tuple[slice, int, int]]:
+    """Yield (row slice, first block, end block) windows of at most ``max_blocks`` blocks.
+
+    Whole rows are grouped while a row fits; a longer row is cut on block boundaries, so every
+    window is one contiguous stretch of the output.
+    """
+    if blocks_per_row == 0:
+        return
+    if blocks_per_row <= max_blocks:
+        step = max_blocks // blocks_per_row
+        for r in range(0, n_rows, step):
+            yield slice(r, r + step), 0, blocks_per_row
+        return
+    for r in range(n_rows):
+        for b in range(0, blocks_per_row, max_blocks):
+            yield slice(r, r + 1), b, min(b + max_blocks, blocks_per_row)
+
+
+def _non_finite_error(x: np.ndarray, qtype: str, row0: int, col0: int, width: int) -> UnsupportedError:
+    flat = int(np.flatnonzero(~np.isfinite(x))[0])
+    row, col = row0 + flat // width, col0 + flat % width
+    return UnsupportedError(
+        f"cannot quantize to {qtype}: value {x.flat[flat]} at row {row}, column {col}; "
+        "GGML blocks hold only finite numbers"
+    )
+
+
+# ---------------------------------------------------------------------------- shared pieces
+
+
+def require_finite(*stats: np.ndarray) -> None:
+    """Per-block maxima/minima carry any NaN or infinity of their block; refuse those."""
+    for s in stats:
+        if not np.isfinite(s).all():
+            raise _NonFinite
+
+
+def half_at(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The fp16 field at byte ``offset`` of each block, as float32 (n, 1)."""
+    return np.ascontiguousarray(blocks[:, offset : offset + 2]).view(np.float16).astype(_F32)
+
+
+def inverse(d: np.ndarray) -> np.ndarray:
+    """``d ? 1.0f/d : 0.0f`` per block."""
+    return np.where(d == 0, _F32(0), _F32(1) / d)
+
+
+def full(shape: tuple[int, ...], value: float, dtype: type) -> np.ndarray:
+    """A cached constant array: np.minimum/np.maximum against a scalar are ~5x slower."""
+    return _full(tuple(shape), value, np.dtype(dtype).str)
+
+
+@functools.lru_cache(maxsize=32)
+def _full(shape: tuple[int, ...], value: float, dtype: str) -> np.ndarray:
+    a = np.full(shape, value, dtype)
+    a.flags.writeable = False
+    return a
+
+
+def quads(x: np.ndarray, ws: Scratch) -> np.ndarray:
+    """Blocks (n, 32) as (8, 4n): row g holds positions 4g..4g+3 of every block.
+
+    Reductions over a block then run as contiguous vector operations over all blocks (numpy's
+    short reductions along a last axis are several times slower), and the transpose moves
+    16-byte units, several times cheaper than a float-by-float one.
+    """
+    Y = ws("quads", (8, 4 * x.shape[0]))
+    np.copyto(Y.view(np.complex128), x.view(np.complex128).T)
+    return Y
+
+
+def _per_quad(v: np.ndarray, ws: Scratch) -> np.ndarray:
+    """A per-block value (n,) laid out to broadcast over the rows of :func:`quads`."""
+    return ws.copy("per_quad", np.repeat(v, 4))
+
+
+def store_half(out: np.ndarray, offset: int, v: np.ndarray) -> None:
+    """Write float32 ``v`` as the fp16 field at byte ``offset`` of each block (round to even)."""
+    out.view(np.uint16)[:, offset // 2] = v.astype(np.float16).view(np.uint16)
+
+
+def _store_quads(out: np.ndarray, offset: int, q: np.ndarray) -> None:
+    """Write uint8 rows ``q`` (r, 4n) in quad order to bytes offset.. of each block.
+
+    One copy per quad row: numpy would copy the transposed whole along its short axis.
+    """
+    dst, src = out[:, offset : offset + 4 * q.shape[0]].view(np.uint32), q.view(np.uint32)
+    for g in range(q.shape[0]):
+        dst[:, g] = src[g]
+
+
+def _per_block(v4: np.ndarray, op: np.ufunc) -> np.ndarray:
+    """Reduce the 4 lanes per block of a quad-row reduction (n*4,) to (n,)."""
+    return op.reduce(np.ascontiguousarray(v4.reshape(-1, 4).T), axis=0)
+
+
+def _block_range(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block (max, min) of quads ``Y``; NaN propagates into both."""
+    return _per_block(Y.max(axis=0), np.maximum), _per_block(Y.min(axis=0), np.minimum)
+
+
+def signed_peak(x: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Per block, the first value of largest magnitude (ggml's ``amax``/``max`` loop)."""
+    peak = np.where(hi > -lo, hi, lo)
+    tie = hi == -lo  # +a and -a both present, or an all-zero block: the first one wins
+    if tie.any():
+        t = x[tie]
+        peak[tie] = t[np.arange(t.shape[0]), np.abs(t).argmax(axis=1)]
+    return peak
+
+
+def _half_away(Y: np.ndarray, ws: Scratch) -> np.ndarray:
+    """copysign(nextafter(0.5, 0), Y) by bits: added before truncation, rounds half away from 0."""
+    s = ws("sign", Y.shape, np.uint32)
+    np.bitwise_and(Y.view(np.uint32), np.uint32(0x80000000), out=s)
+    s |= _HALF_BELOW.view(np.uint32)
+    return s.view(_F32)
+
+
+def _cast(Y: np.ndarray, dtype: type, ws: Scratch) -> np.ndarray:
+    """``Y.astype(dtype)`` (truncating, as C's float-to-int cast) into a scratch array."""
+    q = ws("levels", Y.shape, dtype)
+    np.copyto(q, Y, casting="unsafe")
+    return q
+
+
+def _levels(Y: np.ndarray, top: int, ws: Scratch) -> np.ndarray:
+    """``MIN(top, (uint8)Y)``, as gguf-py's ``trunc(Y).astype(uint8).clip(0, top)``."""
+    q = _cast(Y, np.uint8, ws)
+    return np.minimum(q, full(q.shape, top, np.uint8), out=q)
+
+
+def _nibbles(q: np.ndarray, ws: Scratch, bits: int) -> np.ndarray:
+    """Pack quad-ordered levels: low nibbles from positions 0..15, high from 16..31."""
+    packed = ws("nibbles", (4, q.shape[1]), np.uint8)
+    np.left_shift(q[4:], np.uint8(4), out=packed)  # the uint8 shift drops a fifth bit
+    if bits == 4:
+        packed |= q[:4]
+    else:
+        packed |= np.bitwise_and(
+            q[:4], full(packed.shape, 0x0F, np.uint8), out=ws("low", packed.shape, np.uint8)
+        )
+    return packed
+
+
+def _fifth_bits(q: np.ndarray) -> np.ndarray:
+    """Bit 4 of quad-ordered levels, as the 4 little-endian bytes of Q5's ``qh`` per block."""
+    quad = (q >> 4).view(np.uint32)  # four 0/1 bytes per block and quad
+    nib = (quad * np.uint32(0x01020408)) >> 24  # gathers them into bits 0..3
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).T
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+_BIT = np.arange(32, dtype=np.uint32)
+
+
+def _unpack_fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """The 32 high bits of Q5 blocks, bit j of the little-endian uint32 for element j."""
+    return ((np.ascontiguousarray(qh).view("<u4") >> _BIT) & 1).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------- codecs
+# Each quantizer follows its ``quantize_row_*_ref`` / gguf-py twin operation for operation.
+
+
+class Q8_0(BlockCodec, qtype="Q8_0"):
+    @classmethod
+    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
+        Y = quads(x, ws)
+        amax = np.abs(_per_block(np.maximum(Y.max(axis=0), -Y.min(axis=0)), np.maximum))  # never -0
+        require_finite(amax)
+        d = amax / _F32(127)
+        iscale = inverse(d)
+        iscale[np.isinf(iscale)] = np.nan  # gguf-py rounds +-inf to NaN before the int8 cast
+        Y *= _per_quad(iscale, ws)
+        Y += _half_away(Y, ws)  # roundf(x * id), as the cast below truncates
+        _store_quads(out, 2, _cast(Y, np.int8, ws))
+        store_half(out, 0, d)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
+        np.multiply(blocks[:, 2:].view(np.int8).astype(_F32), half_at(blocks, 0), out=out)
+
+
+class Q4_0(BlockCodec, qtype="Q4_0"):
+    @classmethod
+    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
+        Y = quads(x, ws)
+        peak = signed_peak(x, *_block_range(Y))
+        require_finite(peak)
+        d = peak / _F32(-8)
+        Y *= _per_quad(inverse(d), ws)
+        Y += _F32(8.5)
+        _store_quads(out, 2, _nibbles(_levels(Y, 15, ws), ws, 4))
+        store_half(out, 0, d)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
+        q = _unpack_nibbles(blocks[:, 2:]).view(np.int8) - np.int8(8)
+        np.multiply(half_at(blocks, 0), q.astype(_F32), out=out)
+
+
+class Q4_1(BlockCodec, qtype="Q4_1"):
+    @classmethod
+    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
+        Y = quads(x, ws)
+        hi, lo = _block_range(Y)
+        require_finite(hi, lo)
+        d = (hi - lo) / _F32(15)
+        Y -= _per_quad(lo, ws)
+        Y *= _per_quad(inverse(d), ws)
+        Y += _F32(0.5)
+        _store_quads(out, 4, _nibbles(_levels(Y, 15, ws), ws, 4))
+        store_half(out, 0, d)
+        store_half(out, 2, lo)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
+        np.multiply(half_at(blocks, 0), _unpack_nibbles(blocks[:, 4:]).astype(_F32), out=out)
+        out += half_at(blocks, 2)
+
+
+class Q5_0(BlockCodec, qtype="Q5_0"):
+    @classmethod
+    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
+        Y = quads(x, ws)
+        peak = signed_peak(x, *_block_range(Y))
+        require_finite(peak)
+        d = peak / _F32(-16)
+        Y *= _per_quad(inverse(d), ws)
+        Y += _F32(16.5)
+        q = _levels(Y, 31, ws)
+        _store_quads(out, 6, _nibbles(q, ws, 5))
+        out[:, 2:6] = _fifth_bits(q)
+        store_half(out, 0, d)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
+        q = (_unpack_nibbles(blocks[:, 6:]) | (_unpack_fifth_bits(blocks[:, 2:6]) << 4)).view(np.int8)
+        np.multiply(half_at(blocks, 0), (q - np.int8(16)).astype(_F32), out=out)
+
+
+class Q5_1(BlockCodec, qtype="Q5_1"):
+    @classmethod
+    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
+        Y = quads(x, ws)
+        hi, lo = _block_range(Y)
+        require_finite(hi, lo)
+        d = (hi - lo) / _F32(31)
+        Y -= _per_quad(lo, ws)
+        Y *= _per_quad(inverse(d), ws)
+        Y += _F32(0.5)
+        q = _levels(Y, 31, ws)
+        _store_quads(out, 8, _nibbles(q, ws, 5))
+        out[:, 4:8] = _fifth_bits(q)
+        store_half(out, 0, d)
+        store_half(out, 2, lo)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
+        q = _unpack_nibbles(blocks[:, 8:]) | (_unpack_fifth_bits(blocks[:, 4:8]) << 4)
+        np.multiply(half_at(blocks, 0), q.astype(_F32), out=out)
+        out += half_at(blocks, 2)
+
+
+from . import quants_k  # noqa: E402,F401  (registers Q4_K and Q6_K)

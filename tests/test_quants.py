@@ -1,0 +1,204 @@
+"""GGML block codecs: byte-identical to gguf-py and to llama.cpp's reference quantizers.
+
+Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are compared with ``gguf.quants.quantize``; Q4_K/Q6_K (which gguf-py
+cannot quantize) with llama.cpp's ``quantize_row_q*_K_ref`` output stored in
+``tests/golden/quant_golden.npz`` (see ``tests/golden/make_quant_golden.py``). Every
+dequantizer is compared with ``gguf.quants.dequantize`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from prebake.formats import quants
+from prebake.formats.errors import UnsupportedError
+from prebake.formats.quants import BLOCK_SIZES, QTYPES, dequantize, quantize
+
+GOLDEN = np.load(Path(__file__).parent / "golden" / "quant_golden.npz")
+SIMPLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+K_QUANTS = ("Q4_K", "Q6_K")
+F32 = np.float32
+
+
+def _rows(seed: int, rows: int, n: int, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, n)) * scale).astype(F32)
+
+
+def _hard_rows() -> np.ndarray:
+    """Rows of 512 that stress scales, rounding and signs (each row is its own case)."""
+    rng = np.random.default_rng(7)
+    n = 512
+    normal = rng.standard_normal(n).astype(F32)
+    cases = [
+        np.zeros(n, F32),
+        np.full(n, -0.0, F32),
+        np.where(rng.random(n) < 0.5, F32(0), F32(-0.0)).astype(F32),
+        np.full(n, 1.0, F32),
+        np.full(n, -2.5, F32),
+        np.full(n, 0.3, F32),
+        normal * F32(1e30),
+        np.where(rng.random(n) < 0.5, F32(3.4e38), F32(-3.4e38)).astype(F32),
+        normal * F32(1e20),
+        normal * F32(1e-30),
+        normal * F32(1e-40),  # denormals
+        np.full(n, 1e-45, F32),  # the smallest denormal
+        normal * F32(1e-7),
+        rng.integers(-8, 8, n).astype(F32),  # exact ties for the rounding
+        (rng.integers(-8, 8, n) + 0.5).astype(F32),
+        np.tile(np.array([0.5, -0.5], F32), n // 2),  # +a/-a: the first one wins
+        np.tile(np.array([-0.5, 0.5], F32), n // 2),
+        np.abs(normal),
+        -np.abs(normal),
+        np.where(rng.random(n) < 0.03, normal * F32(100), normal).astype(F32),
+        np.where(np.arange(n) % 32 == 3, normal, F32(0)).astype(F32),
+        np.linspace(-1, 1, n, dtype=F32),
+    ]
+    return np.stack(cases)
+
+
+def _gguf_quantize(x: np.ndarray, qtype: str) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return gguf.quants.quantize(x, GT[qtype])
+
+
+def _gguf_dequantize(blocks: np.ndarray, qtype: str) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return gguf.quants.dequantize(blocks, GT[qtype])
+
+
+def _assert_bits_equal(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+INPUTS = {
+    "normal": lambda: _rows(1, 64, 1024),
+    "weights 256x4096": lambda: _rows(2, 256, 4096, 0.02),
+    "hard rows": _hard_rows,
+    "golden inputs": lambda: GOLDEN["x"],
+}
+
+
+# ---------------------------------------------------------------------------- against gguf-py
+
+
+@pytest.mark.parametrize("data", INPUTS)
+@pytest.mark.parametrize("qtype", SIMPLE)
+def test_quantize_equals_gguf_py(qtype, data):
+    x = INPUTS[data]()
+    ours, ref = quantize(x, qtype), _gguf_quantize(x, qtype)
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape
+    bad = np.flatnonzero((ours != ref).any(axis=1))
+    assert bad.size == 0, f"{qtype} differs from gguf-py on rows {bad[:10]}"
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_equals_gguf_py(qtype):
+    x = np.concatenate([_hard_rows(), _rows(3, 8, 512)])
+    blocks = GOLDEN[qtype] if qtype in K_QUANTS else quantize(x, qtype)
+    _assert_bits_equal(dequantize(blocks, qtype), _gguf_dequantize(blocks, qtype))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_equals_gguf_py_on_arbitrary_bytes(qtype):
+    bs, ts = BLOCK_SIZES[qtype]
+    raw = np.random.default_rng(4).integers(0, 256, (32, 4 * ts), dtype=np.uint8)
+    _assert_bits_equal(dequantize(raw, qtype), _gguf_dequantize(raw, qtype))
+
+
+def test_block_sizes_match_gguf():
+    for qtype in QTYPES:
+        assert BLOCK_SIZES[qtype] == gguf.constants.GGML_QUANT_SIZES[GT[qtype]]
+
+
+# ---------------------------------------------------------------------------- against llama.cpp
+
+
+def _golden_mismatch(qtype: str) -> list[str]:
+    ours = quantize(GOLDEN["x"], qtype)
+    return [str(GOLDEN["case"][i]) for i in np.flatnonzero((ours != GOLDEN[qtype]).any(axis=1))]
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_k_quants_equal_llama_cpp_reference(qtype):
+    assert _golden_mismatch(qtype) == []
+
+
+@pytest.mark.parametrize("qtype", SIMPLE)
+def test_simple_types_equal_llama_cpp_reference(qtype):
+    # gguf-py, which these codecs follow, takes the sign of an all-zero block's scale from the
+    # data (first element, or numpy's min/max), while llama.cpp starts from +0.0 / FLT_MAX: the
+    # only disagreement is the sign bit of d (and m) in blocks of signed zeros
+    zero_rows = {"negative zeros", "mixed signed zeros"}
+    assert set(_golden_mismatch(qtype)) <= zero_rows
+    rows = np.isin(GOLDEN["case"], list(zero_rows))
+    ours = dequantize(quantize(GOLDEN["x"][rows], qtype), qtype)
+    assert np.array_equal(ours, dequantize(GOLDEN[qtype][rows], qtype))  # -0.0 == 0.0
+
+
+def test_golden_file_is_what_the_generator_makes():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "golden"))
+    try:
+        import make_quant_golden
+    finally:
+        sys.path.pop(0)
+    x, case = make_quant_golden.make_inputs()
+    np.testing.assert_array_equal(x.view(np.uint32), GOLDEN["x"].view(np.uint32))
+    assert list(case) == list(GOLDEN["case"])
+
+
+# ---------------------------------------------------------------------------- API
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused(qtype, bad):
+    x = _rows(5, 3, 512)
+    x[2, 300] = bad
+    with pytest.raises(UnsupportedError, match=r"row 2, column 300"):
+        quantize(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_row_length_must_be_a_multiple_of_the_block(qtype):
+    bs, _ = BLOCK_SIZES[qtype]
+    with pytest.raises(UnsupportedError, match="not a multiple"):
+        quantize(np.zeros((2, bs + 16), F32), qtype)
+
+
+def test_unknown_type_is_refused():
+    with pytest.raises(UnsupportedError, match="unknown GGML quantization type"):
+        quantize(np.zeros(32, F32), "Q3_X")
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_shapes_dtypes_and_chunking(qtype, monkeypatch):
+    bs, ts = BLOCK_SIZES[qtype]
+    x = _rows(6, 6, 4 * bs)
+    whole = quantize(x, qtype)
+    assert whole.shape == (6, 4 * ts)
+    # windows of several rows, and of part of one row
+    for chunk in (9, 3):
+        monkeypatch.setattr(quants._CODECS[qtype], "chunk_blocks", chunk)
+        np.testing.assert_array_equal(quantize(x, qtype), whole)
+        _assert_bits_equal(dequantize(whole, qtype), dequantize(whole, qtype, shape=x.shape))
+    np.testing.assert_array_equal(quantize(x.reshape(2, 3, -1), qtype), whole.reshape(2, 3, -1))
+    np.testing.assert_array_equal(quantize(x[0], qtype), whole[0])
+    np.testing.assert_array_equal(quantize(np.asfortranarray(x), qtype), whole)
+    np.testing.assert_array_equal(quantize(x.astype(np.float64), qtype), whole)
+    flat = dequantize(whole.tobytes(), qtype, shape=(6, 4 * bs))
+    _assert_bits_equal(flat, dequantize(whole, qtype))
+    assert quantize(np.zeros((0, bs), F32), qtype).shape == (0, ts)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_round_trip_error_is_small(qtype):
+    x = _rows(8, 16, 1024)
+    err = np.abs(dequantize(quantize(x, qtype), qtype) - x).max()
+    assert err < {"Q8_0": 0.03, "Q6_K": 0.1, "Q5_0": 0.2, "Q5_1": 0.2}.get(qtype, 0.5)
