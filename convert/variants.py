@@ -147,6 +147,8 @@ def plan_variant(name: str, spec: VariantSpec, shapes: dict[str, list[int]], con
     if config is not None:
         variant.config = variant_config(config, {s: (len(found), len(renumber[s])) for s, found in stacks.items()},
                                         renumber, experts, keep)
+        if isinstance(config, _GGUFConfig):
+            variant.config = {config.gguf_keys[k]: v for k, v in variant.config.items()}
     return variant
 
 
@@ -249,16 +251,39 @@ def add_variants(manifest, folder, specs: list[tuple[str, VariantSpec]]) -> None
     nbytes.update({n: manifest.tensors[a.target].nbytes for n, a in manifest.aliases.items()})
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else None
+    gguf = manifest.metadata.get("gguf")
+    if config is None and gguf:  # GGUF keeps its config in metadata: {arch}.block_count, ...
+        config = gguf_config(gguf)
     for name, spec in specs:
         v = plan_variant(name, spec, shapes, config, nbytes)
         record = {"spec": v.spec, "layers": v.layers, "experts": v.experts, "bytes": v.bytes,
                   "tensors": v.tensors}
         if v.config is not None:
-            rel = f"variants/{name}/config.json"
+            rel = f"variants/{name}/{'gguf_metadata' if gguf and not config_path.exists() else 'config'}.json"
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             write_json(folder / rel, v.config)
             record["config"] = rel
         manifest.variants[name] = record
+
+
+def gguf_config(metadata: dict) -> dict:
+    """The GGUF counts a variant changes, under the config keys plan_variant knows.
+
+    ``variant_config`` cuts num_hidden_layers / num_local_experts / num_experts_per_tok; they are
+    written back under their GGUF names ({arch}.block_count, .expert_count, .expert_used_count).
+    """
+    arch = metadata.get("general.architecture", "llama")
+    keys = {"num_hidden_layers": f"{arch}.block_count", "num_local_experts": f"{arch}.expert_count",
+            "num_experts_per_tok": f"{arch}.expert_used_count"}
+    return _GGUFConfig({k: metadata[g] for k, g in keys.items() if isinstance(metadata.get(g), int)}, keys)
+
+
+class _GGUFConfig(dict):
+    """A config dict that remembers the GGUF key of each entry (see :func:`gguf_config`)."""
+
+    def __init__(self, values: dict, keys: dict):
+        super().__init__(values)
+        self.gguf_keys = keys
 
 
 def add_variant_to_bake(out, text: str) -> dict:

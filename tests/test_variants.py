@@ -149,3 +149,31 @@ def test_bad_variant_on_the_command_line_is_one_clean_error(llama):
     res = subprocess.run([sys.executable, "-m", "prebake.convert", "variant", "add", str(tmp / "out"), "x=layers=99"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("prebake: error:") and "Traceback" not in res.stderr
+
+
+def test_gguf_variant_cuts_stacked_experts_and_its_metadata(tmp):
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(tmp / "moe.gguf"), "llama")
+    w.add_block_count(3)
+    w.add_expert_count(4)
+    w.add_expert_used_count(2)
+    exps = {i: rng.standard_normal((4, 16, 32)).astype(np.float32) for i in range(3)}
+    w.add_tensor("token_embd.weight", rng.standard_normal((64, 32)).astype(np.float32))
+    for i in range(3):
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", exps[i])
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", rng.standard_normal((4, 32)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = convert(tmp / "moe.gguf", tmp / "out", variants=["v=first=2;experts=1,3"])
+    meta = json.loads((tmp / "out" / m.variants["v"]["config"]).read_text())
+    assert meta == {"llama.block_count": 2, "llama.expert_count": 2, "llama.expert_used_count": 2}
+    sd = load_from_manifest(tmp / "out", variant="v")
+    assert set(sd) == {"token_embd.weight", "output_norm.weight", *(f"blk.{i}.ffn_gate_{k}.weight"
+                                                                    for i in range(2) for k in ("exps", "inp"))}
+    assert np.array_equal(sd["blk.1.ffn_gate_exps.weight"].numpy(), exps[1][[1, 3]])
