@@ -9,6 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "load_from_manifest": "prebake.cache.load",
     "load_components": "prebake.cache.components",
+    "ensure": "prebake.cache.store",
     "load_module": "prebake.cache.module",
     "Manifest": "prebake.cache.manifest",
     "read_manifest": "prebake.cache.manifest",

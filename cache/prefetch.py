@@ -83,7 +83,7 @@ def shard_ranges(manifest, names: Iterable[str] | None = None) -> list[tuple[Pat
     """The byte ranges to prefetch, in layout order: each shard's span of the wanted tensors."""
     spans: dict[int, list[int]] = {}
     wanted = None if names is None else set(names)
-    for name, t in manifest.tensors.items():
+    for name, t in [*manifest.tensors.items(), *manifest.quantized.items()]:
         if wanted is None or name in wanted:
             lo, hi = spans.setdefault(t.shard, [t.offset, t.offset + t.nbytes])
             spans[t.shard] = [min(lo, t.offset), max(hi, t.offset + t.nbytes)]

@@ -86,9 +86,19 @@ def copy_files(paths: list[Path], folder: Path) -> list[FileEntry]:
     entries = []
     for p in paths:
         dst = folder / p.name
-        _guard(lambda p=p, dst=dst: shutil.copyfile(p, dst), dst)
+        _guard(lambda p=p, dst=dst: _copy_durably(p, dst), dst)
         entries.append(file_entry(dst))
     return entries
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    """A copy that is on disk before the bake's folder is renamed into place."""
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_tree(src: Path, folder: Path) -> list[FileEntry]:
@@ -98,7 +108,7 @@ def copy_tree(src: Path, folder: Path) -> list[FileEntry]:
         if p.is_file():
             dst = folder / src.name / p.relative_to(src)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            _guard(lambda p=p, dst=dst: shutil.copyfile(p, dst), dst)
+            _guard(lambda p=p, dst=dst: _copy_durably(p, dst), dst)
             entries.append(file_entry(dst, folder))
     return entries
 

@@ -16,32 +16,36 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from prebake.cache.manifest import read_manifest
 from prebake.convert import output
 from prebake.formats.archive import (
+    CHUNK_SIZE,
     DTYPE_LAYOUTS,
     HEADER,
     LAYOUTS,
     MAGIC,
     ArchiveFile,
     ArchiveIndex,
+    Chunk,
     decode_chunk,
     encode_chunk,
     header,
-    plan_file,
-    read_exact,
     read_index,
+    read_into,
+    scratch,
 )
 from prebake.formats.errors import FormatError, OutputError, VerifyError
 
 Progress = Callable[[int], Callable[[int], None]]
+SMALL = 64 << 10  # typed spans below this are packed as plain bytes
 
 
 @dataclass
@@ -74,6 +78,51 @@ def plan_archive(bake: str | os.PathLike) -> ArchiveIndex:
     files = [ArchiveFile(p, _size(bake / p)) for p in _bake_files(bake)]
     chunks = [c for i, f in enumerate(files) for c in plan_file(i, f.size, spans.get(f.path, []))]
     return ArchiveIndex(files, chunks)
+
+
+def plan_file(file: int, size: int, spans: list[tuple[int, int, str]],
+              chunk_size: int = CHUNK_SIZE) -> list[Chunk]:
+    """The chunks of a ``size``-byte file whose typed ``spans`` are (offset, nbytes, layout).
+
+    Bytes outside any span are plain; spans under :data:`SMALL` are plain too; small plain gaps
+    (alignment padding) join the typed run before them when that keeps elements aligned.
+    Chunks never cross a run and split it at element boundaries.
+    """
+    return [c for run in _runs(size, spans) for c in _cut(file, *run, chunk_size)]
+
+
+def _runs(size: int, spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    runs, pos = [], 0
+    for off, n, name in sorted(spans):
+        if n <= 0 or off < pos or off + n > size:
+            continue  # empty, overlapping or out of range: leave those bytes plain
+        if off > pos:
+            runs.append((pos, off - pos, "bytes"))
+        runs.append((off, n, name if n >= SMALL and n % LAYOUTS[name].itemsize == 0 else "bytes"))
+        pos = off + n
+    if pos < size:
+        runs.append((pos, size - pos, "bytes"))
+    return _coalesce(runs)
+
+
+def _coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    out: list[tuple[int, int, str]] = []
+    for off, n, name in runs:
+        if out:
+            poff, pn, pname = out[-1]
+            k = LAYOUTS[pname].itemsize
+            if pn % k == 0 and n % k == 0 and (name == pname or (name == "bytes" and n < SMALL)):
+                out[-1] = (poff, pn + n, pname)
+                continue
+        out.append((off, n, name))
+    return out
+
+
+def _cut(file: int, off: int, n: int, name: str, chunk_size: int) -> list[Chunk]:
+    k = LAYOUTS[name].itemsize
+    step = -(-n // -(-n // chunk_size))  # near-equal pieces of at most chunk_size ...
+    step += -step % k  # ... that end on element boundaries
+    return [Chunk(file, off + i, min(step, n - i), name, [], "") for i in range(0, n, step)]
 
 
 def _bake_files(bake: Path) -> list[str]:
@@ -121,16 +170,17 @@ def _write_archive(bake: Path, index: ArchiveIndex, out, level: int, threads: in
         def encode(i: int):
             c = index.chunks[i]
             path = bake / index.files[c.file].path
+            raw = scratch("read", c.length)
             try:
-                raw = os.pread(fds[c.file], c.length, c.offset)
+                got = _pread_into(fds[c.file], raw, c.offset)
             except OSError as e:
                 raise FormatError(f"cannot read ({e.strerror})", path) from None
-            if len(raw) != c.length:
+            if got != c.length:
                 raise FormatError(f"changed while being packed (ends before byte {c.offset + c.length})", path)
-            return encode_chunk(np.frombuffer(raw, np.uint8), LAYOUTS[c.layout], level)
+            return encode_chunk(raw, LAYOUTS[c.layout], level)
 
         with ThreadPoolExecutor(threads) as pool:
-            for i, (frames, checksum) in enumerate(ordered(pool, encode, range(len(index.chunks)), threads)):
+            for i, (frames, checksum) in enumerate(ordered(pool, encode, range(len(index.chunks)), 2 * threads)):
                 c = index.chunks[i]
                 for f in frames:
                     out.write(f)
@@ -141,9 +191,18 @@ def _write_archive(bake: Path, index: ArchiveIndex, out, level: int, threads: in
             os.close(fd)
     index.size = out.tell()
     body = index.to_json(reserve)
-    assert len(body) == reserve, "the reserved index room was too small"
+    if len(body) != reserve:
+        raise RuntimeError(f"the index needs {len(body)} bytes, {reserve} were reserved")
     out.seek(0)
     out.write(header(body) + body)
+
+
+def _pread_into(fd: int, buf, offset: int) -> int:
+    if hasattr(os, "preadv"):  # Linux, BSDs: straight into the reused buffer
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, len(buf), offset)
+    memoryview(buf)[:len(data)] = data
+    return len(data)
 
 
 def _open_input(path: Path) -> int:
@@ -179,16 +238,20 @@ def unpack(archive_path: str | os.PathLike, out_dir: str | os.PathLike, *, threa
     with open(_open_input(path), "rb") as f:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return unpack_from(f, out_dir, threads=threads, force=force, progress=progress, name=str(path))
+        return unpack_from(f, out_dir, threads=threads, force=force, progress=progress, name=str(path),
+                           size=os.fstat(f.fileno()).st_size)
 
 
 def unpack_from(reader, out_dir: str | os.PathLike, *, threads: int | None = None, force: bool = False,
-                progress: Progress | None = None, name: str = "<archive stream>") -> Path:
+                progress: Progress | None = None, name: str = "<archive stream>", size: int | None = None) -> Path:
     """:func:`unpack` from any object with ``read(n)``, read once front to back (a pipe, a download).
 
-    ``name`` names the archive in errors.
+    ``name`` names the archive in errors. ``size``, the stream's length if known (a file's size,
+    a Content-Length), lets a truncated archive be refused before anything is written.
     """
     index = read_index(reader, name)
+    if size is not None and size < index.size:
+        raise index.truncated(size)
     out = Path(out_dir)
     update = progress(index.raw_bytes) if progress else _ignore
     tmp = output.start(out, force)
@@ -230,40 +293,48 @@ def _create_files(tmp: Path, index: ArchiveIndex) -> list[int]:
 
 
 def _extract(reader, index: ArchiveIndex, fds: list[int], tmp: Path, threads: int, update) -> None:
-    def write(item: tuple[int, bytes]) -> int:
-        i, data = item
+    window = 2 * threads + 1
+    free: queue.SimpleQueue = queue.SimpleQueue()  # read buffers, reused: fresh ones cost page faults
+    for _ in range(window + 1):
+        free.put(bytearray(max((sum(c.frames) for c in index.chunks), default=0)))
+
+    def write(item: tuple[int, bytearray, memoryview]) -> int:
+        i, buf, data = item
         c = index.chunks[i]
-        raw = memoryview(decode_chunk(index, i, data)).cast("B")
+        try:
+            raw = memoryview(decode_chunk(index, i, data))
+        finally:
+            free.put(buf)
         with _guard(tmp / index.files[c.file].path):
             done = 0
             while done < c.length:
                 done += os.pwrite(fds[c.file], raw[done:], c.offset + done)
+            _start_writeback(fds[c.file], c.offset, c.length)
         return c.length
 
     with ThreadPoolExecutor(threads) as pool:
-        for n in ordered(pool, write, _read_chunks(reader, index), threads):
+        for n in ordered(pool, write, _read_chunks(reader, index, free), window):
             update(n)
 
 
-def _read_chunks(reader, index: ArchiveIndex) -> Iterator[tuple[int, bytes]]:
-    """Each chunk's frames, read in order; a short read is a truncated archive."""
+def _read_chunks(reader, index: ArchiveIndex, free: queue.SimpleQueue) -> Iterator[tuple[int, bytearray, memoryview]]:
+    """Each chunk's frames, read in order into a free buffer; a short read is a truncated archive."""
     for i, c in enumerate(index.chunks):
-        want = sum(c.frames)
-        data = read_exact(reader, want) if want else b""
-        if len(data) < want:
-            raise FormatError(f"archive is truncated: it ends at byte {index.starts[i] + len(data)}, "
-                              f"inside {index.label(i)}; the whole archive is {index.size} bytes", index.name)
-        yield i, data
+        buf = free.get()
+        data = memoryview(buf)[:sum(c.frames)]
+        got = read_into(reader, data)
+        if got < len(data):
+            raise index.truncated(index.starts[i] + got)
+        yield i, buf, data
 
 
-def ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, threads: int) -> Iterator:
-    """``fn`` of each item, run in ``pool`` with a few items in flight per thread, yielded in order.
+def ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """``fn`` of each item, run in ``pool`` with at most ``window`` in flight, yielded in order.
 
     Items are drawn in the calling thread (so a reader there keeps reading while the pool works);
     the window bounds memory. On an error, the items not yet started are cancelled.
     """
     pending: deque = deque()
-    window = 2 * threads + 1
     try:
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -276,20 +347,21 @@ def ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, threads: in
             f.cancel()
 
 
-class _guard:
+@contextmanager
+def _guard(path) -> Iterator[None]:
     """Turns an OSError while writing ``path`` into an :class:`OutputError` (disk full named)."""
+    try:
+        yield
+    except OSError as e:
+        why = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "cannot write"
+        raise OutputError(f"{why} ({e.strerror})", path) from None
 
-    def __init__(self, path):
-        self.path = path
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if isinstance(e, OSError):
-            why = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "cannot write"
-            raise OutputError(f"{why} ({e.strerror})", self.path) from None
-        return False
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Starts writing a finished range to disk now, so the closing fsync has little left to do
+    (``POSIX_FADV_DONTNEED`` starts asynchronous writeback of dirty pages; see ShardWriter)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _cores() -> int:

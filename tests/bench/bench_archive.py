@@ -1,0 +1,263 @@
+"""``prebake pack`` / ``unpack``: archive size and speed against plain zstd and ZipNN.
+
+For BF16, FP16 and FP32 bakes of ~256 MiB of trained-like weights (normal, std 0.02, each row
+scaled by a log-normal factor), prints medians of REPEAT runs (PREBAKE_BENCH_REPEAT, default 5):
+- archive bytes / raw bake bytes: prebake; plain zstd at the same level on the same 4 MiB chunks
+  (the same pipeline with byte planes off); ZipNN if it is installed (the shards' bytes in memory);
+- pack and unpack throughput in MB/s of raw bake bytes, 2 threads, on tmpfs so that the disk does
+  not set the pace; then unpack onto the bench disk, fsync'd, against a copy of the raw bake;
+- time to a usable bake through a stream throttled to 150 MB/s: unpack reading the archive
+  against copying the raw bake through the same throttle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from unittest import mock
+
+from tests.bench.common import REPEAT, WORK, median, python_timing, table
+
+DTYPES = ["bfloat16", "float16", "float32"]
+SIZE = 256 << 20
+THREADS = 2
+LEVEL = 3
+RATE = 150e6
+ROWS = 4096
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else WORK
+
+
+def make_bake(dtype: str) -> Path:
+    """A ~256 MiB bake of trained-like weights in ``dtype`` (built once, reused)."""
+    import torch
+    from prebake.convert.bake import convert
+    from safetensors.torch import save_file
+
+    folder = WORK / "archive" / dtype
+    if (folder / "bake" / "manifest.json").exists():
+        return folder / "bake"
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    cols = 4096
+    count = SIZE // (ROWS * cols * dt.itemsize)
+    sd = {}
+    for i in range(count):
+        scale = torch.exp(torch.randn(ROWS, 1, generator=g) * 0.3) * 0.02
+        sd[f"layers.{i}.weight"] = (torch.randn(ROWS, cols, generator=g) * scale).to(dt)
+        sd[f"layers.{i}.norm"] = torch.ones(cols, dtype=dt)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": dtype}))
+    convert(folder, folder / "bake", force=True)
+    (folder / "model.safetensors").unlink()
+    return folder / "bake"
+
+
+def files(bake: Path) -> list[Path]:
+    return sorted(p for p in bake.rglob("*") if p.is_file())
+
+
+def timed(fn, before=lambda: None, cpu: list | None = None) -> float:
+    """Median wall time of REPEAT calls of ``fn``, each after an untimed ``before``.
+
+    ``cpu``, if given, receives the median CPU time (user + system, every thread) of the calls:
+    unlike wall time, it hardly moves when other processes share the machine.
+    """
+    times, cpus = [], []
+    for _ in range(REPEAT):
+        before()
+        start, used = time.perf_counter(), _cpu()
+        fn()
+        times.append(time.perf_counter() - start)
+        cpus.append(_cpu() - used)
+    if cpu is not None:
+        cpu.append(median(cpus))
+    return median(times)
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def plain_zstd():
+    """The same pack/unpack with byte planes off: every chunk is plain bytes at LEVEL."""
+    from prebake.formats import archive
+
+    return mock.patch.dict(archive.DTYPE_LAYOUTS, clear=True)
+
+
+def bench_pipeline(bake: Path, raw: int, planes: bool) -> dict:
+    from prebake.convert.pack import pack, unpack
+
+    arc, out, disk_out = SHM / "prebake-bench.pbk", SHM / "prebake-bench-out", WORK / "archive" / "out"
+    cpu: list[float] = []
+    with contextlib.nullcontext() if planes else plain_zstd():
+        pack_s = timed(lambda: pack(bake, arc, level=LEVEL, threads=THREADS), lambda: arc.unlink(missing_ok=True),
+                       cpu)
+    size = arc.stat().st_size
+    unpack_s = timed(lambda: unpack(arc, out, threads=THREADS), lambda: reset(out), cpu)
+    disk_s = timed(lambda: unpack(arc, disk_out, threads=THREADS), lambda: reset(disk_out))
+    result = {"ratio": size / raw, "pack": raw / pack_s / 1e6, "unpack": raw / unpack_s / 1e6,
+              "disk": raw / disk_s / 1e6, "pack_cpu": cpu[0] / raw * 1e9, "unpack_cpu": cpu[1] / raw * 1e9}
+    if planes:
+        result["stream"] = timed(lambda: stream_unpack(arc, out), lambda: reset(out))
+        result["stream_ideal"] = size / RATE
+    reset(out, disk_out)
+    arc.unlink(missing_ok=True)
+    return result
+
+
+def reset(*folders: Path) -> None:
+    """Removes ``folders`` (and their ``.tmp`` twins), then flushes dirty pages so runs start even."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder.with_name(folder.name + ".tmp"), ignore_errors=True)
+    os.sync()
+
+
+class Throttled:
+    """Reads ``f`` no faster than ``rate`` bytes/s, sleeping as a slow download would keep it waiting.
+
+    ``clock`` may be shared by several readers: they then share the one rate.
+    """
+
+    def __init__(self, f, rate: float, clock: dict | None = None):
+        self.f, self.rate = f, rate
+        self.clock = clock if clock is not None else {"start": time.perf_counter(), "sent": 0}
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.clock["sent"] += len(data)
+        delay = self.clock["start"] + self.clock["sent"] / self.rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return data
+
+
+def stream_unpack(arc: Path, out: Path) -> None:
+    from prebake.convert.pack import unpack_from
+
+    with open(arc, "rb") as f:
+        unpack_from(Throttled(f, RATE), out, threads=THREADS)
+
+
+def stream_copy(bake: Path, out: Path) -> None:
+    """The raw bake through the same throttle, written, fsync'd and renamed as unpack does."""
+    tmp = out.with_name(out.name + ".tmp")
+    clock = {"start": time.perf_counter(), "sent": 0}
+    for p in files(bake):
+        dst = tmp / p.relative_to(bake)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "rb") as f, open(dst, "wb") as g:
+            shutil.copyfileobj(Throttled(f, RATE, clock), g, 4 << 20)
+            g.flush()
+            os.fsync(g.fileno())
+    os.rename(tmp, out)
+
+
+def copy_raw(bake: Path, out: Path) -> None:
+    shutil.copytree(bake, out)
+    for p in files(out):
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+ZIPNN = """
+import json, statistics, time
+from zipnn import ZipNN
+blobs = [open(p, "rb").read() for p in {paths!r}]
+z = ZipNN(input_format="byte", bytearray_dtype={dtype!r}, threads={threads})
+def timed(fn):
+    times = []
+    for _ in range({repeat}):
+        start = time.perf_counter(); out = fn(); times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+pack_s, packed = timed(lambda: [z.compress(b) for b in blobs])
+unpack_s, unpacked = timed(lambda: [bytes(z.decompress(c)) for c in packed])
+raw = sum(map(len, blobs))
+print(json.dumps({{"ratio": sum(map(len, packed)) / raw, "pack": raw / pack_s / 1e6,
+                  "unpack": raw / unpack_s / 1e6, "lossless": unpacked == blobs}}))
+"""
+
+
+def bench_zipnn(bake: Path, dtype: str) -> dict | None:
+    """ZipNN on the shards' bytes in memory, in a child process (its C core can crash here)."""
+    if not zipnn_installed():
+        return None
+    paths = [str(p) for p in files(bake) if p.suffix == ".safetensors"]
+    try:
+        return python_timing(ZIPNN.format(paths=paths, dtype=dtype, threads=THREADS, repeat=REPEAT))
+    except RuntimeError as e:
+        print(f"zipnn {dtype}: failed ({str(e).strip().splitlines()[-1] if str(e).strip() else 'crashed'})")
+        return None
+
+
+def zipnn_installed() -> bool:
+    try:
+        import zipnn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_copies(bake: Path, raw: int) -> dict:
+    """The raw bake copied onto disk (fsync'd), and through the throttled stream."""
+    out = WORK / "archive" / "copy"
+    copy_s = timed(lambda: copy_raw(bake, out), lambda: reset(out))
+    stream_s = timed(lambda: stream_copy(bake, out), lambda: reset(out))
+    reset(out)
+    return {"disk": raw / copy_s / 1e6, "stream": stream_s}
+
+
+def main() -> None:
+    rows: dict[str, list] = {"ratio": [], "speed": [], "cpu": [], "disk": [], "stream": []}
+    notes = []
+    for dtype in DTYPES:
+        bake = make_bake(dtype)
+        raw = sum(p.stat().st_size for p in files(bake))
+        ours, plain = bench_pipeline(bake, raw, planes=True), bench_pipeline(bake, raw, planes=False)
+        zn, copy = bench_zipnn(bake, dtype), bench_copies(bake, raw)
+        z = {k: (f"{zn[k]:.3f}" if k == "ratio" else f"{zn[k]:.0f}") if zn else "-" for k in ("ratio", "pack", "unpack")}
+        rows["ratio"].append((dtype, f"{raw / 2**20:.0f} MiB", f"{ours['ratio']:.3f}", f"{plain['ratio']:.3f}",
+                              z["ratio"]))
+        rows["speed"].append((dtype, f"{ours['pack']:.0f}", f"{plain['pack']:.0f}", z["pack"],
+                              f"{ours['unpack']:.0f}", f"{plain['unpack']:.0f}", z["unpack"]))
+        rows["cpu"].append((dtype, f"{ours['pack_cpu']:.2f}", f"{plain['pack_cpu']:.2f}",
+                            f"{ours['unpack_cpu']:.2f}", f"{plain['unpack_cpu']:.2f}"))
+        rows["disk"].append((dtype, f"{ours['disk']:.0f}", f"{plain['disk']:.0f}", f"{copy['disk']:.0f}"))
+        rows["stream"].append((dtype, f"{ours['stream']:.2f} s", f"{copy['stream']:.2f} s",
+                               f"{copy['stream'] / ours['stream']:.2f}x", f"{ours['stream_ideal']:.2f} s",
+                               f"{ours['stream'] / ours['stream_ideal']:.2f}"))
+        if zn and not zn["lossless"]:
+            notes.append(f"zipnn {dtype}: its round trip did NOT give the input back here (bytes differ)")
+        if dtype == "bfloat16":
+            notes.append(f"BF16 archive ratio {ours['ratio']:.3f} (target <= 0.68); "
+                         f"unpack {ours['unpack'] / 1e3:.2f} GB/s on tmpfs (target >= 1 GB/s), "
+                         f"{ours['unpack_cpu']:.2f} CPU-s per GB (<= {THREADS} allows it on {THREADS} free cores)")
+    print(table(f"archive bytes / raw bake bytes (zstd level {LEVEL})", rows["ratio"],
+                ("dtype", "raw", "prebake", "zstd (4 MiB chunks)", "zipnn")))
+    print(table(f"throughput, MB/s of raw bytes, {THREADS} threads, tmpfs (median of {REPEAT})", rows["speed"],
+                ("dtype", "pack prebake", "pack zstd", "pack zipnn", "unpack prebake", "unpack zstd",
+                 "unpack zipnn")))
+    print(table(f"CPU seconds per GB of raw bytes, all threads (median of {REPEAT}; steady under load)",
+                rows["cpu"], ("dtype", "pack prebake", "pack zstd", "unpack prebake", "unpack zstd")))
+    print(table(f"onto {WORK}, fsync'd, MB/s of raw bytes (median of {REPEAT})", rows["disk"],
+                ("dtype", "unpack prebake", "unpack zstd", "copy raw bake")))
+    print(table(f"time to a usable bake through a {RATE / 1e6:.0f} MB/s stream (median of {REPEAT})",
+                rows["stream"], ("dtype", "unpack archive", "copy raw bake", "speedup",
+                                 "archive bytes / rate", "unpack / that")))
+    print("zipnn: the shards' bytes in memory (no file reads or writes), threads=2, in a child process"
+          if zipnn_installed() else "zipnn: not installable here")
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
