@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from prebake.cache.manifest import Manifest, read_manifest
-from prebake.cache.packed import PackedTensor
-from prebake.formats.ggml_types import blocks_shape
+
+if TYPE_CHECKING:  # only bakes with quantized blocks need it: imported when they are loaded
+    from prebake.cache.packed import PackedTensor
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -69,13 +71,17 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     for name, e in m.tensors.items():
         if (wanted(name) and name not in packed) or name in targets:
             out[name] = view(shards[e.shard], TORCH_DTYPES[e.dtype], e.offset, e.shape)
+    if m.quantized:
+        from prebake.cache.packed import PackedTensor
+        from prebake.formats.ggml_types import blocks_shape
     for name, q in m.quantized.items():
         if name in packed or (wanted(name) and name not in m.tensors):
             blocks = view(shards[q.shard], torch.uint8, q.offset, blocks_shape(q.qtype, tuple(q.shape)))
             out[name] = PackedTensor(blocks, q.qtype, q.shape, TORCH_DTYPES[q.dtype])
             if name not in packed:  # quant=None: the caller wants plain tensors
                 out[name] = out[name].dequantize()
-    out = dict(sorted(out.items(), key=lambda kv: _position(m, kv[0])))
+    if m.quantized:  # blocks live in shards of their own: back into layout order
+        out = dict(sorted(out.items(), key=lambda kv: _position(m, kv[0])))
     if prefetch and torch.device(device).type == "cpu":
         from prebake.cache.prefetch import Prefetcher, shard_ranges
 

@@ -37,11 +37,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
-
-from prebake.formats.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "prebake"
@@ -49,69 +46,37 @@ VERSION = 1
 CHECKSUM = "xxh3_128"
 
 
-class TensorEntry(NamedTuple):
-    dtype: str
-    shape: list[int]
-    shard: int
-    offset: int
-    nbytes: int
-    checksum: str
-    source_dtype: str | None = None
+# Entries are plain namedtuples and Manifest a plain class: immutable records, and several times
+# cheaper to define at import than dataclasses or typing.NamedTuple, which matters on the load
+# path of a process that should be serving a few milliseconds after it starts.
+TensorEntry = namedtuple("TensorEntry", "dtype shape shard offset nbytes checksum source_dtype", defaults=(None,))
+TensorEntry.__doc__ = "A stored tensor: dtype, shape, shard index, absolute offset, size, checksum."
+QuantEntry = namedtuple("QuantEntry", "qtype shape dtype shard offset nbytes checksum")
+QuantEntry.__doc__ = "GGML blocks of a tensor: shape and dtype are the logical tensor's, the rest the blob's."
+AliasEntry = namedtuple("AliasEntry", "target storage_offset shape strides")
+AliasEntry.__doc__ = "A view of a stored tensor (tied weights, slices): offset and strides in elements."
+ShardEntry = namedtuple("ShardEntry", "file size data_offset")
+FileEntry = namedtuple("FileEntry", "path size checksum")
 
 
-class QuantEntry(NamedTuple):
-    """GGML blocks of a tensor: ``shape``/``dtype`` are the logical tensor's, the rest the blob's."""
-
-    qtype: str
-    shape: list[int]
-    dtype: str
-    shard: int
-    offset: int
-    nbytes: int
-    checksum: str
-
-
-class AliasEntry(NamedTuple):
-    target: str
-    storage_offset: int
-    shape: list[int]
-    strides: list[int]
-
-
-class ShardEntry(NamedTuple):
-    file: str
-    size: int
-    data_offset: int
-
-
-class FileEntry(NamedTuple):
-    path: str
-    size: int
-    checksum: str
-
-
-# Entries are NamedTuples: immutable, and ~8x cheaper to define at import than slotted
-# dataclasses, which matters on the load path of a process that starts in milliseconds.
-
-
-@dataclass
 class Manifest:
-    source: dict
-    options: dict
-    shards: list[ShardEntry]
-    tensors: dict[str, TensorEntry]
-    aliases: dict[str, AliasEntry] = field(default_factory=dict)
-    quantized: dict[str, QuantEntry] = field(default_factory=dict)
-    padding: list[str] = field(default_factory=list)
-    files: list[FileEntry] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)
-    variants: dict[str, dict] = field(default_factory=dict)
-    components: dict[str, dict] = field(default_factory=dict)
-    prebake_version: str = "0.1.0"
-    created: str = ""
-    checksum: str = CHECKSUM
-    root: Path | None = None  # the folder the manifest was read from; not serialized
+    """A bake's description (see the module docstring for the JSON schema)."""
+
+    def __init__(self, source: dict, options: dict, shards: list, tensors: dict, *, aliases=None, quantized=None,
+                 padding=None, files=None, skipped=None, metadata=None, variants=None, components=None,
+                 prebake_version: str = "0.1.0", created: str = "", checksum: str = CHECKSUM,
+                 root: Path | None = None):
+        self.source, self.options, self.shards, self.tensors = source, options, shards, tensors
+        self.aliases: dict[str, AliasEntry] = aliases or {}
+        self.quantized: dict[str, QuantEntry] = quantized or {}
+        self.padding: list[str] = padding or []
+        self.files: list[FileEntry] = files or []
+        self.skipped: list[dict] = skipped or []
+        self.metadata: dict = metadata or {}
+        self.variants: dict[str, dict] = variants or {}
+        self.components: dict[str, dict] = components or {}
+        self.prebake_version, self.created, self.checksum = prebake_version, created, checksum
+        self.root = root  # the folder the manifest was read from; not serialized
 
     def to_json(self) -> str:
         d = {"format": FORMAT, "version": VERSION, "prebake_version": self.prebake_version,
@@ -123,7 +88,7 @@ class Manifest:
              "padding": self.padding, "files": [f._asdict() for f in self.files],
              "skipped": self.skipped, "metadata": self.metadata, "variants": self.variants,
              "components": self.components}
-        return json.dumps(d, indent=1)
+        return json.dumps(d, separators=(",", ":"))  # compact: parsed at every load
 
     def shard_path(self, index: int) -> Path:
         return self.root / self.shards[index].file
@@ -152,6 +117,14 @@ def is_bake(folder: str | os.PathLike) -> bool:
         return False
 
 
+def _error(message: str, path: Path):
+    # Imported here, not at the top: every load goes through this module, and each module
+    # imported costs a process start most of a millisecond.
+    from prebake.formats.errors import ManifestError
+
+    return ManifestError(message, path)
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Reads and checks a manifest; ``path`` is the bake folder or its ``manifest.json``."""
     mp = manifest_path(path)
@@ -159,13 +132,13 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         with open(mp) as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise ManifestError("no manifest.json here: is this a prebake output folder?", mp) from None
+        raise _error("no manifest.json here: is this a prebake output folder?", mp) from None
     except (OSError, ValueError) as e:
-        raise ManifestError(f"cannot read manifest ({e})", mp) from None
+        raise _error(f"cannot read manifest ({e})", mp) from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise ManifestError("not a prebake manifest", mp)
+        raise _error("not a prebake manifest", mp)
     if not isinstance(d.get("version"), int) or d["version"] > VERSION:
-        raise ManifestError(f"manifest version {d.get('version')} is newer than this prebake "
+        raise _error(f"manifest version {d.get('version')} is newer than this prebake "
                             f"understands ({VERSION}); upgrade prebake", mp)
     try:
         return Manifest(
@@ -180,4 +153,4 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             prebake_version=d.get("prebake_version", ""), created=d.get("created", ""),
             checksum=d.get("checksum", CHECKSUM), root=mp.parent)
     except (KeyError, TypeError) as e:
-        raise ManifestError(f"malformed manifest ({type(e).__name__}: {e})", mp) from None
+        raise _error(f"malformed manifest ({type(e).__name__}: {e})", mp) from None

@@ -1,12 +1,12 @@
 """Issue 4: a layer-pruned variant against the full model; three components in parallel.
 
 On the 24-layer ~1.8 GB bf16 checkpoint (tests/bench/common.big_checkpoint):
-- time and resident memory (RssFile + RssAnon growth, fresh process each) of loading and
+- time and resident memory (the bake's resident pages + RssAnon growth, fresh process each) of loading and
   touching the `first=1;head=no` variant (embeddings, layer 0, final norm) against the full model,
   touching as a forward pass does: 128 embedding rows, every page of every other tensor;
 - three components (the model's layers split in three, baked as one multi-component output):
-  wall time of loading and touching them in parallel threads against one after another,
-  from a cold page cache (pages dropped with posix_fadvise(DONTNEED)).
+  wall time of loading (prefetch=True) and touching them in parallel threads against one after
+  another, from a cold page cache (pages dropped with posix_fadvise(DONTNEED)).
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ def touch(sd):
         else:
             t.reshape(-1)[::2048].sum()  # one element per 4 KiB page: faults every page in
 """
-RSS = ("def rss():\n    f = dict(l.split(':') for l in open('/proc/self/status'))\n"
-       "    return (int(f['RssFile'].split()[0]) + int(f['RssAnon'].split()[0])) * 1024\n")
+# The model's memory: the bake's own resident pages plus anonymous growth (library code pages
+# that torch faults in the first time a kernel runs are not the model's).
+RSS = ("from tests.test_load import mapped_resident\n"
+       "def rss():\n    f = dict(l.split(':') for l in open('/proc/self/status'))\n"
+       "    return mapped_resident({out!r}) + int(f['RssAnon'].split()[0]) * 1024\n")
 
 
 def variant_run(out, variant) -> dict:
-    code = (f"import json, time, torch\nfrom prebake.cache import load_from_manifest\n{TOUCH}{RSS}"
+    code = (f"import json, time, torch\nfrom prebake.cache import load_from_manifest\n{TOUCH}{RSS.format(out=str(out))}"
             f"base = rss()\nt = time.perf_counter()\n"
             f"sd = load_from_manifest({str(out)!r}, variant={variant!r})\ntouch(sd)\n"
             f"print(json.dumps({{'s': time.perf_counter() - t, 'rss': rss() - base}}))")
@@ -56,10 +59,10 @@ def components(src_bin) -> object:
 
 
 def components_run(out, parallel: bool) -> float:
-    body = ("parts = load_components({out!r})\n"
+    body = ("parts = load_components({out!r}, prefetch=True)\n"
             "with ThreadPoolExecutor(3) as pool:\n    list(pool.map(lambda n: touch(parts[n]), list(parts)))\n"
             if parallel else
-            "parts = load_components({out!r})\nfor n in parts:\n    touch(parts[n])\n").format(out=str(out))
+            "parts = load_components({out!r}, prefetch=True)\nfor n in parts:\n    touch(parts[n])\n").format(out=str(out))
     code = (f"import json, time, torch\nfrom concurrent.futures import ThreadPoolExecutor\n"
             f"from prebake.cache import load_components\n{TOUCH}t = time.perf_counter()\n{body}"
             f"print(json.dumps({{'s': time.perf_counter() - t}}))")
