@@ -10,20 +10,20 @@ import numpy as np
 # safetensors dtype code -> bytes per element. The codes are the ones the safetensors format
 # defines; everything prebake stores uses them.
 DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
     "C64": 8,
 }
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 
 
 def numpy_dtype(code: str) -> np.dtype:
     """The numpy dtype for a safetensors code (BF16 and FP8 through ml_dtypes)."""
-    if code in ("BF16", "F8_E4M3", "F8_E5M2"):
+    if code in ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"):
         import ml_dtypes
 
         return np.dtype({"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-                         "F8_E5M2": ml_dtypes.float8_e5m2}[code])
+                         "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu}[code])
     return np.dtype({"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
                      "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
                      "U8": "u1", "BOOL": "?", "C64": "<c8"}[code])

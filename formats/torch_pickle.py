@@ -23,7 +23,7 @@ STORAGE_DTYPES: dict[str, str] = {
     "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
     "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64",
     "UInt16Storage": "U16", "UInt32Storage": "U32", "UInt64Storage": "U64",
-    "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2",
+    "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2", "Float8_e8m0fnuStorage": "F8_E8M0",
     "UntypedStorage": "U8",
 }
 # torch dtype attribute name -> safetensors dtype code (pickled as GLOBAL torch <name>)
@@ -31,7 +31,7 @@ TORCH_DTYPES: dict[str, str] = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
     "uint16": "U16", "uint32": "U32", "uint64": "U64", "complex64": "C64",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
 }
 
 

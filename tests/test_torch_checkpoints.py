@@ -12,7 +12,7 @@ from prebake.convert.bake import convert
 from tests.conftest import check_bake
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
-          torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+          torch.float8_e5m2, torch.float8_e8m0fnu, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
           torch.bool, torch.uint16, torch.uint32, torch.uint64, torch.complex64]
 
 
@@ -101,3 +101,12 @@ def test_cast_matches_torch(tmp):
         expect = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in sd.items()}
         check_bake(out, expect)
         assert read_manifest(out).tensors["a"].source_dtype == "F32"
+
+
+def test_every_dtype_from_safetensors(tmp):
+    from safetensors.torch import save_file
+
+    sd = {k: v for k, v in every_dtype().items() if v.numel()}  # safetensors has no empty-tensor quirks to test
+    save_file(sd, str(tmp / "m.safetensors"))
+    convert(tmp / "m.safetensors", tmp / "out")
+    check_bake(tmp / "out", sd)
