@@ -50,8 +50,7 @@ def _write_shard(index: int, shard: ShardPlan, path: Path, progress: Progress) -
                 progress(len(piece))
             offset = len(shard.header) + slot.offset
             if p.qtype is not None:
-                logical = p.source.dtype if p.transform == "quantize" else "F32"
-                entries[p.name] = QuantEntry(p.qtype, list(p.source.shape), logical, index, offset, slot.nbytes,
+                entries[p.name] = QuantEntry(p.qtype, list(p.source.shape), p.logical, index, offset, slot.nbytes,
                                              h.hexdigest())
             else:
                 entries[p.name] = TensorEntry(p.dtype, list(p.source.shape), index, offset, slot.nbytes,

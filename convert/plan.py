@@ -72,6 +72,7 @@ class Planned:
     dtype: str  # as stored in the bake
     transform: str
     qtype: str | None = None
+    logical: str | None = None  # blocks: the dtype the tensor unpacks to
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -147,11 +148,12 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
     targets = {a.target for a in aliases}  # aliases view float bytes: their targets keep them
     floats, blocks = [], []
     for t in stored:
+        logical = t.dtype if t.dtype in DTYPE_SIZES else options.dtype or "F16"
         if options.keep_quant and t.dtype not in DTYPE_SIZES:
-            blocks.append(Planned(t.name, t, "U8", "blocks", t.dtype))
+            blocks.append(Planned(t.name, t, "U8", "blocks", t.dtype, logical))
             continue
         if t.name in chosen:
-            blocks.append(Planned(t.name, t, "U8", "quantize", chosen[t.name]))
+            blocks.append(Planned(t.name, t, "U8", "quantize", chosen[t.name], logical))
             if not (options.keep_float or t.name in targets):
                 continue
         floats.append(_planned(t, options))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from prebake.convert.plan import Planned
-from prebake.formats.tensor import numpy_dtype
+from prebake.formats.tensor import DTYPE_SIZES, numpy_dtype
 
 CHUNK = 64 << 20
 
@@ -68,10 +68,18 @@ def _dequantize(p: Planned, blocks: np.ndarray, chunk: int) -> Iterator[memoryvi
 def _quantize(p: Planned, data: np.ndarray, chunk: int) -> Iterator[memoryview]:
     from prebake.formats.quants import quantize
 
-    src = numpy_dtype(p.source.dtype)
-    for rows in _row_blocks(data, chunk // 4):
-        floats = np.ascontiguousarray(rows).view(src).astype(np.float32, copy=False)
-        yield _bytes(quantize(floats, p.qtype))
+    rows_per = max(1, chunk // (4 * p.source.shape[-1]))  # about `chunk` bytes of float32 at a time
+    for rows in _row_blocks(data, rows_per * data[0].size):  # source rows: items, or a row's blocks
+        yield _bytes(quantize(_float_rows(p.source.dtype, rows), p.qtype))
+
+
+def _float_rows(dtype: str, rows: np.ndarray) -> np.ndarray:
+    """float32 values of some rows: a cast of plain items, or GGML blocks dequantized as gguf-py does."""
+    if dtype in DTYPE_SIZES:
+        return np.ascontiguousarray(rows).view(numpy_dtype(dtype)).astype(np.float32, copy=False)
+    import gguf
+
+    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[dtype])
 
 
 def _bytes(a: np.ndarray) -> memoryview:

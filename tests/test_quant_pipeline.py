@@ -198,3 +198,22 @@ def test_packed_linear_stays_near_the_packed_size(tmp):
     # measured: ~38 MiB for 25.5 MiB of blocks + 2 MiB of floats; a float32 model would be 96 MiB
     assert grown <= 1.3 * (packed + floats) + (8 << 20), (grown, packed, floats)
     assert grown < 0.5 * float_model
+
+
+def test_gguf_blocks_requantized_on_request(tmp):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((64, 256)).astype(np.float32)
+    q4 = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q4_0)
+    w = gguf.GGUFWriter(str(tmp / "m.gguf"), "llama")
+    w.add_tensor("blk.0.ffn_up.weight", q4, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = convert(tmp / "m.gguf", tmp / "out", Options(quant="q8_0"))
+    q = m.quantized["blk.0.ffn_up.weight"]
+    assert q.qtype == "Q8_0" and q.dtype == "F16" and "blk.0.ffn_up.weight" not in m.tensors
+    p = load_from_manifest(tmp / "out")["blk.0.ffn_up.weight"]
+    deq = gguf.quants.dequantize(q4, gguf.GGMLQuantizationType.Q4_0)
+    assert np.array_equal(p.blocks.numpy(), quantize(deq, "Q8_0"))
+    assert p.dequantize().dtype == torch.float16
