@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -128,6 +129,7 @@ def quantize(data: np.ndarray, qtype: str) -> np.ndarray:
     so memory beyond input and output stays bounded; a contiguous input is never copied whole.
     """
     codec = _codec(qtype)
+    jit = jit_quantizer(codec.qtype)
     data = np.asarray(data)
     rows = _as_rows(data, codec.block_size, codec.qtype, "row length")
     bs, ts = codec.block_size, codec.type_size
@@ -137,8 +139,12 @@ def quantize(data: np.ndarray, qtype: str) -> np.ndarray:
     with np.errstate(all="ignore"):
         for r, b0, b1 in _windows(rows.shape[0], rows.shape[1] // bs, codec.chunk_blocks):
             x = np.ascontiguousarray(rows[r, b0 * bs : b1 * bs], dtype=_F32).reshape(-1, bs)
+            dst = out[r, b0 * ts : b1 * ts].reshape(-1, ts)
             try:
-                codec.quantize_blocks(x, out[r, b0 * ts : b1 * ts].reshape(-1, ts), ws)
+                if jit is not None:
+                    jit(x, dst)
+                else:
+                    codec.quantize_blocks(x, dst, ws)
             except _NonFinite:
                 raise _non_finite_error(x, codec.qtype, r.start, b0 * bs, (b1 - b0) * bs) from None
     return out.reshape(*data.shape[:-1], out.shape[-1])
@@ -174,6 +180,28 @@ def dequantize(blocks: np.ndarray, qtype: str, shape: tuple[int, ...] | None = N
 
 
 # ---------------------------------------------------------------------------- driver
+
+
+_jit_kernels: dict[str, Callable[[np.ndarray, np.ndarray], None]] | None = None
+
+
+def jit_quantizer(qtype: str) -> Callable[[np.ndarray, np.ndarray], None] | None:
+    """The numba kernel for ``qtype`` (:mod:`~prebake.formats.quants_jit`), or None.
+
+    None where numba is not installed, the type has no kernel, or ``PREBAKE_NO_JIT`` is set to
+    anything but ``0``. numba is imported on first use only; kernels compile (or load from
+    numba's cache) on their first call.
+    """
+    global _jit_kernels
+    if os.environ.get("PREBAKE_NO_JIT", "0") not in ("", "0"):
+        return None
+    if _jit_kernels is None:
+        try:
+            from .quants_jit import KERNELS
+        except ImportError:
+            KERNELS = {}
+        _jit_kernels = KERNELS
+    return _jit_kernels.get(qtype)
 
 
 def _codec(qtype: object) -> type[BlockCodec]:

@@ -4,10 +4,14 @@ Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are compared with ``gguf.quants.quantize``; Q4_K/Q6_K (
 cannot quantize) with llama.cpp's ``quantize_row_q*_K_ref`` output stored in
 ``tests/golden/quant_golden.npz`` (see ``tests/golden/make_quant_golden.py``). Every
 dequantizer is compared with ``gguf.quants.dequantize`` bit for bit.
+
+Tests taking the ``backend`` fixture run once with the numpy codecs and once with the numba
+kernels of ``prebake.formats.quants_jit`` (skipped where numba is not installed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import gguf
@@ -83,12 +87,23 @@ INPUTS = {
 }
 
 
+@pytest.fixture(params=["numpy", "jit"])
+def backend(request, monkeypatch):
+    """Run the test with ``quantize`` on the numpy codecs, then on the numba kernels."""
+    if request.param == "jit":
+        pytest.importorskip("numba")
+        monkeypatch.delenv("PREBAKE_NO_JIT", raising=False)
+    else:
+        monkeypatch.setenv("PREBAKE_NO_JIT", "1")
+    return request.param
+
+
 # ---------------------------------------------------------------------------- against gguf-py
 
 
 @pytest.mark.parametrize("data", INPUTS)
 @pytest.mark.parametrize("qtype", SIMPLE)
-def test_quantize_equals_gguf_py(qtype, data):
+def test_quantize_equals_gguf_py(qtype, data, backend):
     x = INPUTS[data]()
     ours, ref = quantize(x, qtype), _gguf_quantize(x, qtype)
     assert ours.dtype == np.uint8 and ours.shape == ref.shape
@@ -97,7 +112,7 @@ def test_quantize_equals_gguf_py(qtype, data):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_dequantize_equals_gguf_py(qtype):
+def test_dequantize_equals_gguf_py(qtype, backend):
     x = np.concatenate([_hard_rows(), _rows(3, 8, 512)])
     blocks = GOLDEN[qtype] if qtype in K_QUANTS else quantize(x, qtype)
     _assert_bits_equal(dequantize(blocks, qtype), _gguf_dequantize(blocks, qtype))
@@ -124,12 +139,12 @@ def _golden_mismatch(qtype: str) -> list[str]:
 
 
 @pytest.mark.parametrize("qtype", K_QUANTS)
-def test_k_quants_equal_llama_cpp_reference(qtype):
+def test_k_quants_equal_llama_cpp_reference(qtype, backend):
     assert _golden_mismatch(qtype) == []
 
 
 @pytest.mark.parametrize("qtype", SIMPLE)
-def test_simple_types_equal_llama_cpp_reference(qtype):
+def test_simple_types_equal_llama_cpp_reference(qtype, backend):
     # gguf-py, which these codecs follow, takes the sign of an all-zero block's scale from the
     # data (first element, or numpy's min/max), while llama.cpp starts from +0.0 / FLT_MAX: the
     # only disagreement is the sign bit of d (and m) in blocks of signed zeros
@@ -158,7 +173,7 @@ def test_golden_file_is_what_the_generator_makes():
 
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_values_are_refused(qtype, bad):
+def test_non_finite_values_are_refused(qtype, bad, backend):
     x = _rows(5, 3, 512)
     x[2, 300] = bad
     with pytest.raises(UnsupportedError, match=r"row 2, column 300"):
@@ -178,7 +193,7 @@ def test_unknown_type_is_refused():
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_shapes_dtypes_and_chunking(qtype, monkeypatch):
+def test_shapes_dtypes_and_chunking(qtype, monkeypatch, backend):
     bs, ts = BLOCK_SIZES[qtype]
     x = _rows(6, 6, 4 * bs)
     whole = quantize(x, qtype)
@@ -198,7 +213,60 @@ def test_shapes_dtypes_and_chunking(qtype, monkeypatch):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_round_trip_error_is_small(qtype):
+def test_round_trip_error_is_small(qtype, backend):
     x = _rows(8, 16, 1024)
     err = np.abs(dequantize(quantize(x, qtype), qtype) - x).max()
     assert err < {"Q8_0": 0.03, "Q6_K": 0.1, "Q5_0": 0.2, "Q5_1": 0.2}.get(qtype, 0.5)
+
+
+# ---------------------------------------------------------------------------- numba backend
+
+
+def _jit_and_numpy(x: np.ndarray, qtype: str, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    monkeypatch.delenv("PREBAKE_NO_JIT", raising=False)
+    assert quants.jit_quantizer(qtype) is not None
+    jit = quantize(x, qtype)
+    monkeypatch.setenv("PREBAKE_NO_JIT", "1")
+    assert quants.jit_quantizer(qtype) is None
+    return jit, quantize(x, qtype)
+
+
+def _mixed_rows(seed: int) -> np.ndarray:
+    """Blocks mixing hard cases within a block: signed zeros next to values, huge, tiny."""
+    rng = np.random.default_rng(seed)
+    shape = (64, 1024)
+    x = rng.standard_normal(shape).astype(F32)
+    x *= np.exp2(rng.integers(-140, 120, (64, 1)).astype(F32))  # per row: denormal to huge
+    pick = rng.random(shape)
+    x[pick < 0.2] = 0.0
+    x[(pick >= 0.2) & (pick < 0.35)] = -0.0
+    x[(pick >= 0.35) & (pick < 0.4)] = np.abs(x[(pick >= 0.35) & (pick < 0.4)])
+    x[::3] = np.abs(x[::3])  # non-negative rows: a zero minimum of either sign
+    x[1::5] = np.round(x[1::5] * 4) / 4  # exact ties
+    return x
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_jit_equals_numpy_codec(qtype, monkeypatch):
+    pytest.importorskip("numba")
+    x = np.concatenate([_mixed_rows(9), _mixed_rows(10), _hard_rows().reshape(-1, 1024)])
+    jit, ref = _jit_and_numpy(x, qtype, monkeypatch)
+    bad = np.flatnonzero((jit != ref).any(axis=1))
+    assert bad.size == 0, f"{qtype}: jit differs from numpy on rows {bad[:10]}"
+
+
+def test_numba_is_imported_only_by_quantize():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from prebake.formats import quants; "
+        "quants.dequantize(np.zeros((1, 34), np.uint8), 'Q8_0'); "
+        "assert 'numba' not in sys.modules; "
+        "quants.quantize(np.zeros((1, 32), np.float32), 'Q8_0'); print('numba' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREBAKE_NO_JIT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    have_numba = importlib.util.find_spec("numba") is not None
+    assert out.stdout.strip() == str(have_numba)

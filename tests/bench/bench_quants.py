@@ -3,8 +3,11 @@
 Run ``python tests/bench/bench_quants.py [--rows R] [--cols C] [--repeat N]`` (or
 ``python -m tests.bench quants``). Single thread; each figure is the median of ``--repeat``
 runs on the same float32 matrix (default 4096 x 4096 normal weights, 64 MiB), in MB/s of
-float32 (quantize input, dequantize output). gguf-py cannot quantize Q4_K/Q6_K, so those rows
-show only our speed; llama.cpp's C reference is the yardstick there.
+float32 (quantize input, dequantize output). Quantize is timed on both backends: the numpy
+codecs (``PREBAKE_NO_JIT=1``) and the numba kernels of ``prebake.formats.quants_jit`` (``-``
+where numba is not installed; compiled, or loaded from numba's cache, before timing). gguf-py
+cannot quantize Q4_K/Q6_K, so those rows show only our speed; llama.cpp's C reference is the
+yardstick there.
 
 llama.cpp reference, measured on this machine through ctypes (llama-cpp-python 0.3.36, its
 default build; ``ggml_quantize_chunk`` without imatrix on 1024 x 4096 normal weights, median of
@@ -22,12 +25,14 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
+from prebake.formats import quants  # noqa: E402
 from prebake.formats.quants import BLOCK_SIZES, QTYPES, dequantize, quantize  # noqa: E402
 
 
@@ -38,6 +43,20 @@ def median_seconds(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def numpy_backend() -> Iterator[None]:
+    """``quantize`` on the numpy codecs (``PREBAKE_NO_JIT=1``) inside the block."""
+    saved = os.environ.get("PREBAKE_NO_JIT")
+    os.environ["PREBAKE_NO_JIT"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PREBAKE_NO_JIT"]
+        else:
+            os.environ["PREBAKE_NO_JIT"] = saved
 
 
 def gguf_codec(qtype: str, what: str) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -61,9 +80,15 @@ def bench(rows: int, cols: int, repeat: int) -> list[dict]:
     results = []
     for qtype in QTYPES:
         bs, ts = BLOCK_SIZES[qtype]
-        blocks = quantize(x, qtype)
-        row = {"qtype": qtype, "bpw": 8 * ts / bs, "bytes": blocks.nbytes}
-        row["q"] = mb / median_seconds(lambda q=qtype: quantize(x, q), repeat)
+        with numpy_backend():
+            blocks = quantize(x, qtype)
+            row = {"qtype": qtype, "bpw": 8 * ts / bs, "bytes": blocks.nbytes}
+            row["q"] = mb / median_seconds(lambda q=qtype: quantize(x, q), repeat)
+        row["q_jit"] = None
+        if quants.jit_quantizer(qtype) is not None:
+            if not np.array_equal(quantize(x, qtype), blocks):  # also compiles the kernel
+                raise AssertionError(f"{qtype}: the jit and numpy backends disagree")
+            row["q_jit"] = mb / median_seconds(lambda q=qtype: quantize(x, q), repeat)
         row["dq"] = mb / median_seconds(lambda q=qtype, b=blocks: dequantize(b, q), repeat)
         for what, arg, key in (("quantize", x, "q_ref"), ("dequantize", blocks, "dq_ref")):
             ref = gguf_codec(qtype, what)
@@ -80,11 +105,15 @@ def print_table(results: list[dict], rows: int, cols: int, repeat: int) -> None:
         return f"{a / b:6.1f}x" if b else "      -"
 
     print(f"{rows} x {cols} float32 ({rows * cols * 4 / 2**20:.0f} MiB), median of {repeat}, MB/s of float32")
-    print("type   bits/w   bytes on disk |  quantize  gguf-py   ratio | dequantize  gguf-py   ratio")
+    print(
+        "type   bits/w   bytes on disk |  quantize      jit  gguf-py   ratio jit/ref "
+        "| dequantize  gguf-py   ratio"
+    )
     for r in results:
         print(
-            f"{r['qtype']:5} {r['bpw']:7.2f} {r['bytes']:15,d} | {rate(r['q'])} {rate(r['q_ref'])} "
-            f"{ratio(r['q'], r['q_ref'])} |   {rate(r['dq'])} {rate(r['dq_ref'])} {ratio(r['dq'], r['dq_ref'])}"
+            f"{r['qtype']:5} {r['bpw']:7.2f} {r['bytes']:15,d} | {rate(r['q'])} {rate(r['q_jit'])} "
+            f"{rate(r['q_ref'])} {ratio(r['q'], r['q_ref'])} {ratio(r['q_jit'] or 0, r['q_ref'])} "
+            f"|   {rate(r['dq'])} {rate(r['dq_ref'])} {ratio(r['dq'], r['dq_ref'])}"
         )
 
 
