@@ -50,8 +50,7 @@ def verify(path: str | os.PathLike | Manifest, progress: Callable[[int], None] =
     for f in m.files:
         p = m.root / f.path
         try:
-            with open(p, "rb") as fh:
-                digest = _hash_file(fh)
+            digest = file_checksum(p)
         except OSError as e:
             raise VerifyError(f"copied file is unreadable ({e.strerror})", p) from None
         if digest != f.checksum:
@@ -69,8 +68,10 @@ def _hash(view: memoryview, progress) -> str:
     return h.hexdigest()
 
 
-def _hash_file(fh) -> str:
+def file_checksum(path) -> str:
+    """The manifest's checksum (xxh3-128, hex) of a whole file."""
     h = xxhash.xxh3_128()
-    while block := fh.read(BLOCK):
-        h.update(block)
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            h.update(block)
     return h.hexdigest()

@@ -35,36 +35,20 @@ def cache_root() -> Path:
 
 
 def source_fingerprint(src: str | os.PathLike, strict: bool = False) -> str:
-    """A hash of what ``src`` is: every file below it, by size, mtime and sampled (or all) bytes."""
+    """A hash of what ``src`` is: every file below it, by size and mtime and sampled bytes, or all bytes."""
+    from prebake.cache.integrity import file_checksum
+    from prebake.convert.sources import fingerprint
+
     p = Path(src)
     if not p.exists():
         raise FormatError("no such file or folder", p)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     h = xxhash.xxh3_128()
     for f in files:
-        st = f.stat()
         rel = f.relative_to(p) if p.is_dir() else f.name
-        h.update(f"{rel}\0{st.st_size}\0".encode())
-        h.update(_content_hash(f) if strict else f"{st.st_mtime_ns}\0".encode() + _sample_hash(f, st.st_size))
+        what = {"size": f.stat().st_size, "content": file_checksum(f)} if strict else fingerprint(f)
+        h.update(f"{rel}\0{json.dumps(what, sort_keys=True)}\0".encode())
     return h.hexdigest()
-
-
-def _sample_hash(path: Path, size: int) -> bytes:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read(1 << 20))
-    return h.digest()
-
-
-def _content_hash(path: Path) -> bytes:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.digest()
 
 
 def cache_key(fingerprint: str, options: dict) -> str:

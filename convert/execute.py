@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
+from prebake.cache.integrity import file_checksum
 from prebake.cache.manifest import FileEntry, QuantEntry, ShardEntry, TensorEntry
 from prebake.convert.plan import BakePlan, ShardPlan
 from prebake.convert.transforms import chunks
@@ -114,12 +115,8 @@ def copy_tree(src: Path, folder: Path) -> list[FileEntry]:
 
 def file_entry(path: Path, folder: Path | None = None) -> FileEntry:
     """The manifest record of a file in the bake folder (``folder``: what its path is relative to)."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
     name = str(path.relative_to(folder)) if folder else path.name
-    return FileEntry(name, path.stat().st_size, h.hexdigest())
+    return FileEntry(name, path.stat().st_size, file_checksum(path))
 
 
 def write_json(path: Path, obj_or_text) -> None:
