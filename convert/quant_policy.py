@@ -1,7 +1,7 @@
 """Which tensors are quantized, and to which GGML block type.
 
 Defaults follow what works for LLMs: quantize the 2-D weight matrices of linear layers; keep
-embeddings (unless asked), norms, biases, 1-D and small tensors in their dtype. A recipe is a
+embeddings (unless asked), MoE routers, norms, biases, 1-D and small tensors in their dtype. A recipe is a
 single type (``q8_0``, ``q4_k``, ...) or a llama.cpp-style mix: ``q4_k_m`` puts the output
 head, and ``attn_v``/``ffn_down`` of the layers llama.cpp's ``use_more_bits`` picks, at Q6_K
 and everything else at Q4_K; ``q5_k_m``-style mixes are not offered.
@@ -28,6 +28,8 @@ BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256
 FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 MIN_ELEMENTS = 4096  # smaller matrices are not worth a codec
 _EMBEDDING = re.compile(r"embed|wte\b|wpe\b|token_embd|word_embeddings|position_embeddings|^shared\.")
+# MoE routers pick the experts: llama.cpp keeps them unquantized (ffn_gate_inp), and so do we
+_ROUTER = re.compile(r"(\.gate\.weight|ffn_gate_inp\.weight|\.router(\.layer)?\.weight)$")
 _ATTN_V = re.compile(r"(v_proj|attn_v|\.value)\.weight$")
 _FFN_DOWN = re.compile(r"(down_proj|ffn_down|\.w2|fc2|dense_4h_to_h)\.weight$")
 
@@ -74,7 +76,7 @@ def _eligible(policy: QuantPolicy, t: TensorInfo) -> bool:
     if policy.only:
         return any(fnmatch.fnmatchcase(t.name, g) for g in policy.only) and \
             not any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip)
-    if any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip):
+    if any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip) or _ROUTER.search(t.name):
         return False
     if _EMBEDDING.search(t.name) and layer_of(t.name) is None:
         return policy.embeddings

@@ -33,7 +33,8 @@ def test_policy_defaults_and_overrides():
           info("model.layers.0.self_attn.q_proj.bias", (256,)), info("model.layers.0.input_layernorm.weight", (256,)),
           info("model.layers.0.mlp.down_proj.weight", (256, 512)), info("tiny.weight", (8, 32)),
           info("model.layers.0.odd.weight", (64, 100)), info("ids", (64, 64), "I64"),
-          info("lm_head.weight", (1024, 256))]
+          info("lm_head.weight", (1024, 256)), info("model.layers.0.block_sparse_moe.gate.weight", (8, 4096)),
+          info("blk.0.ffn_gate_inp.weight", (8, 4096))]
     chosen, kept = choose(QuantPolicy("q8_0"), ts)
     assert chosen == {"model.layers.0.self_attn.q_proj.weight": "Q8_0", "model.layers.0.mlp.down_proj.weight": "Q8_0",
                       "lm_head.weight": "Q8_0"}
