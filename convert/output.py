@@ -36,7 +36,7 @@ def start(out: Path, force: bool = False, src: Path | None = None, needed: int =
     free = shutil.disk_usage(out.parent).free
     if needed > free:
         raise OutputError(f"needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free there", out)
-    _remove_stale(out)
+    remove_stale(out)
     tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -63,12 +63,15 @@ def abort(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remove_stale(out: Path) -> None:
-    """Removes temporary folders of earlier conversions into ``out`` whose process is gone."""
+def remove_stale(out: Path) -> None:
+    """Removes temporary folders (or files) of earlier writes of ``out`` whose process is gone."""
     for p in out.parent.glob(f".{out.name}{_TMP}*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -223,6 +223,7 @@ def _start_archive(archive: Path, force: bool) -> Path:
                                   "--force to replace it", archive)
     with _guard(archive):
         archive.parent.mkdir(parents=True, exist_ok=True)
+    output.remove_stale(archive)  # a killed pack's leftover
     return archive.with_name(f".{archive.name}.prebake-tmp-{os.getpid()}")
 
 

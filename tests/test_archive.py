@@ -295,3 +295,22 @@ def test_pack_refuses_a_folder_that_is_not_a_bake(tmp):
     with pytest.raises(ManifestError):
         pack(tmp / "x", tmp / "x.pbk")
     assert not (tmp / "x.pbk").exists()
+
+
+def test_a_killed_packs_leftover_is_removed_by_the_next_pack(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from prebake.convert.bake import convert
+    from prebake.convert.pack import pack
+
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "m.bin")
+    convert(tmp_path / "m.bin", tmp_path / "bake")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".a.pba.prebake-tmp-{dead.stdout.strip()}"
+    leftover.write_bytes(b"half an archive")
+    running = tmp_path / f".a.pba.prebake-tmp-{os.getppid()}"  # another pack still at work: left alone
+    running.write_bytes(b"being written")
+    pack(tmp_path / "bake", tmp_path / "a.pba")
+    assert not leftover.exists() and running.exists() and (tmp_path / "a.pba").exists()
