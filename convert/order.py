@@ -28,6 +28,32 @@ def layer_of(name: str) -> tuple[str, tuple[int, ...]] | None:
     return name[:first.start()], numbers
 
 
+def big_first_in_layers(names: list[str], nbytes: dict[str, int], big: int) -> list[str]:
+    """Within each layer, tensors of ``big`` bytes or more first, then the small ones (norms, biases).
+
+    Execution order holds layer by layer; inside a layer, grouping the small tensors means the
+    big ones (aligned) follow each other without gaps, so a layer needs at most one padding entry
+    instead of one per bias.
+    """
+    out: list[str] = []
+    run: list[str] = []
+    key = None
+    for name in [*names, None]:
+        layer = layer_of(name) if name is not None else None
+        k = (layer[0], layer[1][0]) if layer else None
+        if run and (k != key or k is None):
+            out += [n for n in run if nbytes[n] >= big] + [n for n in run if nbytes[n] < big]
+            run = []
+        if name is None:
+            break
+        if k is None:
+            out.append(name)
+        else:
+            run.append(name)
+        key = k
+    return out
+
+
 def is_head(name: str) -> bool:
     """Whether ``name`` is an output head outside the numbered layers (lm_head, output, classifier)."""
     return layer_of(name) is None and not _EMBEDDING.search(name) and bool(_HEAD.search(name))

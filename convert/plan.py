@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prebake.convert.order import execution_order
+from prebake.convert.order import big_first_in_layers, execution_order
 from prebake.convert.quant_policy import QuantPolicy, choose
 from prebake.formats.errors import FormatError
 from prebake.formats.ggml_types import blocks_shape
-from prebake.formats.safetensors_writer import Slot, header_bytes, place
+from prebake.formats.safetensors_writer import BIG_TENSOR, Slot, header_bytes, place
 from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo, numel
 
 GIB = 1 << 30
@@ -142,7 +142,8 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
     shards and their Hugging Face index stay what stock loaders expect.
     """
     by_name = _unique(tensors)
-    order = execution_order(list(by_name))
+    order = big_first_in_layers(execution_order(list(by_name)), {n: t.nbytes for n, t in by_name.items()},
+                                BIG_TENSOR)
     stored, aliases = find_aliases([by_name[n] for n in order])
     chosen, kept = choose(options.policy, stored) if options.policy else ({}, {})
     targets = {a.target for a in aliases}  # aliases view float bytes: their targets keep them
