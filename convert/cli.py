@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quant: never quantize tensors matching GLOB (repeatable)")
     q.add_argument("--quant-only", action="append", default=[], metavar="GLOB",
                    help="with --quant: quantize only tensors matching GLOB (repeatable)")
+    q.add_argument("--quant-pure", action="store_true",
+                   help="with --quant TYPE: TYPE for every tensor (default, as llama-quantize: the output "
+                        "head at Q6_K unless TYPE is q8_0)")
     q.add_argument("--keep-quant", action="store_true",
                    help="GGUF input: keep its quantized blocks as they are instead of dequantizing")
     c.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
@@ -171,7 +174,7 @@ def cmd_convert(args) -> dict:
 
     options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None,
                       quant=args.quant, keep_float=args.keep_float, quant_embeddings=args.quant_embeddings,
-                      quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only),
+                      quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only), quant_pure=args.quant_pure,
                       keep_quant=args.keep_quant)
     if args.dry_run:
         from prebake.convert.plan import plan_bake

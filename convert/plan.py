@@ -33,6 +33,7 @@ class Options:
     quant_embeddings: bool = False
     quant_skip: tuple[str, ...] = ()
     quant_only: tuple[str, ...] = ()
+    quant_pure: bool = False  # one type for every tensor (default: the output head at Q6_K)
     keep_quant: bool = False  # GGUF blocks stay blocks (no dequantize/requantize round trip)
 
     def __post_init__(self):
@@ -47,7 +48,8 @@ class Options:
     def policy(self) -> QuantPolicy | None:
         if not self.quant:
             return None
-        return QuantPolicy(self.quant, self.quant_embeddings, tuple(self.quant_skip), tuple(self.quant_only))
+        return QuantPolicy(self.quant, self.quant_embeddings, tuple(self.quant_skip), tuple(self.quant_only),
+                           self.quant_pure)
 
     def manifest_record(self) -> dict:
         out = {"shard_size": self.shard_size, "align": self.align, "dtype": self.dtype}
@@ -55,6 +57,8 @@ class Options:
             out.update(quant=self.quant, keep_float=self.keep_float, quant_embeddings=self.quant_embeddings,
                        quant_skip=list(self.quant_skip), quant_only=list(self.quant_only),
                        keep_quant=self.keep_quant)
+            if self.quant_pure:
+                out["quant_pure"] = True
         return out
 
 

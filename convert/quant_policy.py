@@ -6,6 +6,12 @@ single type (``q8_0``, ``q4_k``, ...) or a llama.cpp-style mix: ``q4_k_m`` puts 
 head, and ``attn_v``/``ffn_down`` of the layers llama.cpp's ``use_more_bits`` picks, at Q6_K
 and everything else at Q4_K; ``q5_k_m``-style mixes are not offered.
 
+As in ``llama-quantize``, a single type leaves the output head (``lm_head``/``output``) at
+Q6_K unless the type is Q8_0: the head turns every hidden state into logits, and 4-5 bit error
+there shows straight in the output (tiny Llama, q4_k: logits cosine 0.986 with a Q4_K head,
+0.996 with Q6_K). ``pure`` (``--quant-pure``, llama-quantize's ``--pure``) uses the one type
+for every tensor.
+
 Rows whose length is not a multiple of the type's block fall back as llama.cpp does (Q4_K ->
 Q5_0, Q6_K -> Q8_0, when the row fits a 32-block), else stay unquantized and are reported.
 """
@@ -44,6 +50,7 @@ class QuantPolicy:
     embeddings: bool = False  # quantize embeddings too
     skip: tuple[str, ...] = ()  # globs: never quantize
     only: tuple[str, ...] = ()  # globs: quantize only these
+    pure: bool = False  # one type everywhere: no Q6_K output head
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -57,7 +64,7 @@ def choose(policy: QuantPolicy, tensors: list[TensorInfo]) -> tuple[dict[str, st
     for t in tensors:
         if not _eligible(policy, t):
             continue
-        qtype = _type_for(policy.recipe, t.name, n_layers)
+        qtype = _type_for(policy, t.name, n_layers)
         row = t.shape[-1]
         if row % BLOCK[qtype]:
             fallback = FALLBACK.get(qtype)
@@ -83,12 +90,14 @@ def _eligible(policy: QuantPolicy, t: TensorInfo) -> bool:
     return t.name.endswith(".weight") or t.name.endswith("_proj")
 
 
-def _type_for(recipe: str, name: str, n_layers: int) -> str:
-    if recipe in SINGLE:
-        return SINGLE[recipe]
+def _type_for(policy: QuantPolicy, name: str, n_layers: int) -> str:
     layer = layer_of(name)
+    head = layer is None and is_head(name)
+    if policy.recipe in SINGLE:
+        qtype = SINGLE[policy.recipe]
+        return "Q6_K" if head and not policy.pure and qtype != "Q8_0" else qtype
     if layer is None:
-        return "Q6_K" if is_head(name) else "Q4_K"
+        return "Q6_K" if head else "Q4_K"
     if (_ATTN_V.search(name) or _FFN_DOWN.search(name)) and use_more_bits(layer[1][0], n_layers):
         return "Q6_K"
     return "Q4_K"
