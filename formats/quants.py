@@ -2,8 +2,9 @@
 
 Each codec turns float32 rows into GGUF's block bytes and back. Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
 match gguf-py's numpy quantizer (``gguf.quants``) byte for byte, which itself follows
-``quantize_row_*_ref`` in llama.cpp's ``ggml-quants.c``; the K-quants (Q4_K, Q6_K, in
-:mod:`prebake.formats.quants_k`) match llama.cpp's ``quantize_row_q*_K_ref``. Every
+``quantize_row_*_ref`` in llama.cpp's ``ggml-quants.c``; the codecs live in
+:mod:`~prebake.formats.quants_legacy` (32-value blocks) and :mod:`~prebake.formats.quants_k`
+(Q4_K, Q6_K), which match llama.cpp's ``quantize_row_q*_K_ref``. Every
 dequantizer matches ``gguf.quants.dequantize`` bit for bit.
 
 Bit-exactness means doing the references' float32 operations in the references' order: no
@@ -43,8 +44,6 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {
 QTYPES: tuple[str, ...] = tuple(BLOCK_SIZES)
 
 _F32 = np.float32
-# nextafter(0.5, 0): trunc(v + copysign(this, v)) rounds half away from zero, exactly, for |v| < 2**23
-_HALF_BELOW = np.nextafter(_F32(0.5), _F32(0))
 
 _CODECS: dict[str, type[BlockCodec]] = {}
 
@@ -279,46 +278,9 @@ def _full(shape: tuple[int, ...], value: float, dtype: str) -> np.ndarray:
     return a
 
 
-def quads(x: np.ndarray, ws: Scratch) -> np.ndarray:
-    """Blocks (n, 32) as (8, 4n): row g holds positions 4g..4g+3 of every block.
-
-    Reductions over a block then run as contiguous vector operations over all blocks (numpy's
-    short reductions along a last axis are several times slower), and the transpose moves
-    16-byte units, several times cheaper than a float-by-float one.
-    """
-    Y = ws("quads", (8, 4 * x.shape[0]))
-    np.copyto(Y.view(np.complex128), x.view(np.complex128).T)
-    return Y
-
-
-def _per_quad(v: np.ndarray, ws: Scratch) -> np.ndarray:
-    """A per-block value (n,) laid out to broadcast over the rows of :func:`quads`."""
-    return ws.copy("per_quad", np.repeat(v, 4))
-
-
 def store_half(out: np.ndarray, offset: int, v: np.ndarray) -> None:
     """Write float32 ``v`` as the fp16 field at byte ``offset`` of each block (round to even)."""
     out.view(np.uint16)[:, offset // 2] = v.astype(np.float16).view(np.uint16)
-
-
-def _store_quads(out: np.ndarray, offset: int, q: np.ndarray) -> None:
-    """Write uint8 rows ``q`` (r, 4n) in quad order to bytes offset.. of each block.
-
-    One copy per quad row: numpy would copy the transposed whole along its short axis.
-    """
-    dst, src = out[:, offset : offset + 4 * q.shape[0]].view(np.uint32), q.view(np.uint32)
-    for g in range(q.shape[0]):
-        dst[:, g] = src[g]
-
-
-def _per_block(v4: np.ndarray, op: np.ufunc) -> np.ndarray:
-    """Reduce the 4 lanes per block of a quad-row reduction (n*4,) to (n,)."""
-    return op.reduce(np.ascontiguousarray(v4.reshape(-1, 4).T), axis=0)
-
-
-def _block_range(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per block (max, min) of quads ``Y``; NaN propagates into both."""
-    return _per_block(Y.max(axis=0), np.maximum), _per_block(Y.min(axis=0), np.minimum)
 
 
 def signed_peak(x: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -331,161 +293,4 @@ def signed_peak(x: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return peak
 
 
-def _half_away(Y: np.ndarray, ws: Scratch) -> np.ndarray:
-    """copysign(nextafter(0.5, 0), Y) by bits: added before truncation, rounds half away from 0."""
-    s = ws("sign", Y.shape, np.uint32)
-    np.bitwise_and(Y.view(np.uint32), np.uint32(0x80000000), out=s)
-    s |= _HALF_BELOW.view(np.uint32)
-    return s.view(_F32)
-
-
-def _cast(Y: np.ndarray, dtype: type, ws: Scratch) -> np.ndarray:
-    """``Y.astype(dtype)`` (truncating, as C's float-to-int cast) into a scratch array."""
-    q = ws("levels", Y.shape, dtype)
-    np.copyto(q, Y, casting="unsafe")
-    return q
-
-
-def _levels(Y: np.ndarray, top: int, ws: Scratch) -> np.ndarray:
-    """``MIN(top, (uint8)Y)``, as gguf-py's ``trunc(Y).astype(uint8).clip(0, top)``."""
-    q = _cast(Y, np.uint8, ws)
-    return np.minimum(q, full(q.shape, top, np.uint8), out=q)
-
-
-def _nibbles(q: np.ndarray, ws: Scratch, bits: int) -> np.ndarray:
-    """Pack quad-ordered levels: low nibbles from positions 0..15, high from 16..31."""
-    packed = ws("nibbles", (4, q.shape[1]), np.uint8)
-    np.left_shift(q[4:], np.uint8(4), out=packed)  # the uint8 shift drops a fifth bit
-    if bits == 4:
-        packed |= q[:4]
-    else:
-        packed |= np.bitwise_and(
-            q[:4], full(packed.shape, 0x0F, np.uint8), out=ws("low", packed.shape, np.uint8)
-        )
-    return packed
-
-
-def _fifth_bits(q: np.ndarray) -> np.ndarray:
-    """Bit 4 of quad-ordered levels, as the 4 little-endian bytes of Q5's ``qh`` per block."""
-    quad = (q >> 4).view(np.uint32)  # four 0/1 bytes per block and quad
-    nib = (quad * np.uint32(0x01020408)) >> 24  # gathers them into bits 0..3
-    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).T
-
-
-def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-_BIT = np.arange(32, dtype=np.uint32)
-
-
-def _unpack_fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """The 32 high bits of Q5 blocks, bit j of the little-endian uint32 for element j."""
-    return ((np.ascontiguousarray(qh).view("<u4") >> _BIT) & 1).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------- codecs
-# Each quantizer follows its ``quantize_row_*_ref`` / gguf-py twin operation for operation.
-
-
-class Q8_0(BlockCodec, qtype="Q8_0"):
-    @classmethod
-    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
-        Y = quads(x, ws)
-        amax = np.abs(_per_block(np.maximum(Y.max(axis=0), -Y.min(axis=0)), np.maximum))  # never -0
-        require_finite(amax)
-        d = amax / _F32(127)
-        iscale = inverse(d)
-        iscale[np.isinf(iscale)] = np.nan  # gguf-py rounds +-inf to NaN before the int8 cast
-        Y *= _per_quad(iscale, ws)
-        Y += _half_away(Y, ws)  # roundf(x * id), as the cast below truncates
-        _store_quads(out, 2, _cast(Y, np.int8, ws))
-        store_half(out, 0, d)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        np.multiply(blocks[:, 2:].view(np.int8).astype(_F32), half_at(blocks, 0), out=out)
-
-
-class Q4_0(BlockCodec, qtype="Q4_0"):
-    @classmethod
-    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
-        Y = quads(x, ws)
-        peak = signed_peak(x, *_block_range(Y))
-        require_finite(peak)
-        d = peak / _F32(-8)
-        Y *= _per_quad(inverse(d), ws)
-        Y += _F32(8.5)
-        _store_quads(out, 2, _nibbles(_levels(Y, 15, ws), ws, 4))
-        store_half(out, 0, d)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        q = _unpack_nibbles(blocks[:, 2:]).view(np.int8) - np.int8(8)
-        np.multiply(half_at(blocks, 0), q.astype(_F32), out=out)
-
-
-class Q4_1(BlockCodec, qtype="Q4_1"):
-    @classmethod
-    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
-        Y = quads(x, ws)
-        hi, lo = _block_range(Y)
-        require_finite(hi, lo)
-        d = (hi - lo) / _F32(15)
-        Y -= _per_quad(lo, ws)
-        Y *= _per_quad(inverse(d), ws)
-        Y += _F32(0.5)
-        _store_quads(out, 4, _nibbles(_levels(Y, 15, ws), ws, 4))
-        store_half(out, 0, d)
-        store_half(out, 2, lo)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        np.multiply(half_at(blocks, 0), _unpack_nibbles(blocks[:, 4:]).astype(_F32), out=out)
-        out += half_at(blocks, 2)
-
-
-class Q5_0(BlockCodec, qtype="Q5_0"):
-    @classmethod
-    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
-        Y = quads(x, ws)
-        peak = signed_peak(x, *_block_range(Y))
-        require_finite(peak)
-        d = peak / _F32(-16)
-        Y *= _per_quad(inverse(d), ws)
-        Y += _F32(16.5)
-        q = _levels(Y, 31, ws)
-        _store_quads(out, 6, _nibbles(q, ws, 5))
-        out[:, 2:6] = _fifth_bits(q)
-        store_half(out, 0, d)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        q = (_unpack_nibbles(blocks[:, 6:]) | (_unpack_fifth_bits(blocks[:, 2:6]) << 4)).view(np.int8)
-        np.multiply(half_at(blocks, 0), (q - np.int8(16)).astype(_F32), out=out)
-
-
-class Q5_1(BlockCodec, qtype="Q5_1"):
-    @classmethod
-    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
-        Y = quads(x, ws)
-        hi, lo = _block_range(Y)
-        require_finite(hi, lo)
-        d = (hi - lo) / _F32(31)
-        Y -= _per_quad(lo, ws)
-        Y *= _per_quad(inverse(d), ws)
-        Y += _F32(0.5)
-        q = _levels(Y, 31, ws)
-        _store_quads(out, 8, _nibbles(q, ws, 5))
-        out[:, 4:8] = _fifth_bits(q)
-        store_half(out, 0, d)
-        store_half(out, 2, lo)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        q = _unpack_nibbles(blocks[:, 8:]) | (_unpack_fifth_bits(blocks[:, 4:8]) << 4)
-        np.multiply(half_at(blocks, 0), q.astype(_F32), out=out)
-        out += half_at(blocks, 2)
-
-
-from . import quants_k  # noqa: E402,F401  (registers Q4_K and Q6_K)
+from . import quants_k, quants_legacy  # noqa: E402,F401  (register the codecs)
