@@ -121,16 +121,29 @@ def test_quant_linear_equals_linear_on_the_unpacked_weight(qtype, dtype, monkeyp
         torch.testing.assert_close(lin(x), ref, **tol)
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def _random_llama(path, layers: int = 2):
     """Hidden 256: every row fits a 256-block, so q4_k really is Q4_K everywhere."""
-    tmp = tmp_path_factory.mktemp("qllama")
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(tmp / "src")
-    return tmp, model
+    model.save_pretrained(path)
+    return model
+
+
+def _logits_cosine(model, bake) -> float:
+    """Cosine of all logits of ``load_module(bake)`` against ``model``'s, on fixed random tokens."""
+    q = load_module(lambda: transformers.LlamaForCausalLM(model.config), bake).eval()
+    assert isinstance(q.model.layers[0].mlp.down_proj, QuantLinear)
+    x = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return float(torch.nn.functional.cosine_similarity(q(x).logits.flatten(), model(x).logits.flatten(), dim=0))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qllama")
+    return tmp, _random_llama(tmp / "src")
 
 
 # Logits cosine measured on this model and input: q8_0 0.99992, q6_k 0.99908, q5_0 0.99545,
@@ -150,26 +163,9 @@ def test_quantized_llama_logits(llama, recipe):
     verify(out)
     assert m.quantized and all(n not in m.tensors for n in m.quantized)  # blocks only: floats dropped
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() == m.tensors.keys()
-    q = load_module(lambda: transformers.LlamaForCausalLM(model.config), out).eval()
-    assert isinstance(q.model.layers[0].mlp.down_proj, QuantLinear)
-    x = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        cos = torch.nn.functional.cosine_similarity(q(x).logits.flatten(), model(x).logits.flatten(), dim=0)
+    cos = _logits_cosine(model, out)
     print(f"{recipe}: cosine {cos:.5f}")
     assert cos >= COSINE[recipe], f"{recipe}: cosine {cos:.5f}"
-
-
-def _llama_logits_cosine(tmp, layers: int, recipe: str) -> float:
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(tmp / "src")
-    convert(tmp / "src", tmp / recipe, Options(quant=recipe))
-    q = load_module(lambda: transformers.LlamaForCausalLM(cfg), tmp / recipe).eval()
-    x = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return float(torch.nn.functional.cosine_similarity(q(x).logits.flatten(), model(x).logits.flatten(), dim=0))
 
 
 @pytest.mark.parametrize(("recipe", "target"), [("q8_0", 0.999), ("q4_k", 0.99)])
@@ -179,7 +175,9 @@ def test_one_layer_llama_meets_the_issue_targets(tmp_path, recipe, target):
     With more layers a random-init Llama compounds Q4_K's error (2 layers 0.988, above); a
     trained 2-layer one gives 0.9999 (``python -m tests.bench quant_quality``).
     """
-    assert _llama_logits_cosine(tmp_path, 1, recipe) >= target
+    model = _random_llama(tmp_path / "src", layers=1)
+    convert(tmp_path / "src", tmp_path / recipe, Options(quant=recipe))
+    assert _logits_cosine(model, tmp_path / recipe) >= target
 
 
 def test_baked_blocks_are_the_codec_blocks(llama):
