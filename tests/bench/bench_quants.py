@@ -6,8 +6,11 @@ runs on the same float32 matrix (default 4096 x 4096 normal weights, 64 MiB), in
 float32 (quantize input, dequantize output). Quantize is timed on both backends: the numpy
 codecs (``PREBAKE_NO_JIT=1``) and the numba kernels of ``prebake.formats.quants_jit`` (``-``
 where numba is not installed; compiled, or loaded from numba's cache, before timing). gguf-py
-cannot quantize Q4_K/Q6_K, so those rows show only our speed; llama.cpp's C reference is the
-yardstick there.
+cannot quantize Q4_K/Q6_K; llama.cpp's C reference is the yardstick there. With
+``--ggml-lib PATH/libggml-base.so`` (or ``GGML_BASE_LIB``; a llama-cpp-python install has one,
+see tests/golden/make_quant_golden.py) the table adds llama.cpp's ``ggml_quantize_chunk`` (no
+imatrix: ``quantize_row_*_ref``, one thread) on the same matrix, checks that its bytes equal
+ours, and prints our jit speed over it; without one it prints the figures recorded below.
 
 llama.cpp reference, measured on this machine through ctypes (llama-cpp-python 0.3.36, its
 default build; ``ggml_quantize_chunk`` without imatrix on 1024 x 4096 normal weights, median of
@@ -74,7 +77,21 @@ def gguf_codec(qtype: str, what: str) -> Callable[[np.ndarray], np.ndarray] | No
     return lambda a: fn(a, gt)
 
 
-def bench(rows: int, cols: int, repeat: int) -> list[dict]:
+def ggml_quantizer(path: str | None) -> Callable[[np.ndarray, str], np.ndarray] | None:
+    """llama.cpp's reference quantizer from ``libggml-base.so`` at ``path``, or None."""
+    if not path:
+        return None
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # also when run as a script
+    from tests.golden.make_quant_golden import load_ggml, reference_quantize
+
+    lib = load_ggml(path)
+    return lambda x, qtype: reference_quantize(lib, x, qtype)
+
+
+def bench(rows: int, cols: int, repeat: int, ggml=None) -> list[dict]:
     x = (np.random.default_rng(0).standard_normal((rows, cols)) * 0.02).astype(np.float32)
     mb = x.nbytes / 1e6
     results = []
@@ -93,6 +110,10 @@ def bench(rows: int, cols: int, repeat: int) -> list[dict]:
         for what, arg, key in (("quantize", x, "q_ref"), ("dequantize", blocks, "dq_ref")):
             ref = gguf_codec(qtype, what)
             row[key] = mb / median_seconds(lambda r=ref, a=arg: r(a), repeat) if ref else None
+        row["q_c"] = row["c_same"] = None
+        if ggml is not None:
+            row["c_same"] = bool(np.array_equal(ggml(x, qtype), blocks))
+            row["q_c"] = mb / median_seconds(lambda q=qtype: ggml(x, q), repeat)
         results.append(row)
     return results
 
@@ -115,6 +136,14 @@ def print_table(results: list[dict], rows: int, cols: int, repeat: int) -> None:
             f"{rate(r['q_ref'])} {ratio(r['q'], r['q_ref'])} {ratio(r['q_jit'] or 0, r['q_ref'])} "
             f"|   {rate(r['dq'])} {rate(r['dq_ref'])} {ratio(r['dq'], r['dq_ref'])}"
         )
+    if any(r["q_c"] for r in results):
+        print("\nllama.cpp's reference quantizer (ggml_quantize_chunk, no imatrix, one thread), same matrix")
+        print("type   llama.cpp   jit / llama.cpp   same bytes")
+        for r in results:
+            print(f"{r['qtype']:5} {rate(r['q_c'])}   {ratio(r['q_jit'] or r['q'], r['q_c']):>15}   {r['c_same']}")
+    else:
+        print("llama.cpp's reference, recorded on this machine (see this module's docstring): "
+              "Q4_K ~49, Q6_K ~113 MB/s; pass --ggml-lib to measure it in this run")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,8 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--ggml-lib", default=os.environ.get("GGML_BASE_LIB"),
+                        help="libggml-base.so of a llama.cpp build, to time its reference quantizer too")
     args = parser.parse_args(argv if argv is not None else [])
-    print_table(bench(args.rows, args.cols, args.repeat), args.rows, args.cols, args.repeat)
+    ggml = ggml_quantizer(args.ggml_lib)
+    print_table(bench(args.rows, args.cols, args.repeat, ggml), args.rows, args.cols, args.repeat)
 
 
 if __name__ == "__main__":

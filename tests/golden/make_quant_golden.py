@@ -40,11 +40,13 @@ ROW = 512
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_golden.npz")
 
 
-def load_ggml() -> ctypes.CDLL:
-    import llama_cpp
+def load_ggml(path: str | None = None) -> ctypes.CDLL:
+    """ggml's base library: ``path``, or the one of the installed ``llama_cpp`` package."""
+    if path is None:
+        import llama_cpp
 
-    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    path = sorted(glob.glob(os.path.join(libdir, "libggml-base.so*")))[0]
+        libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        path = sorted(glob.glob(os.path.join(libdir, "libggml-base.so*")))[0]
     lib = ctypes.CDLL(path)
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [
