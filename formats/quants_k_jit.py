@@ -1,8 +1,7 @@
 """numba kernels for Q4_K and Q6_K, byte-identical to :mod:`~prebake.formats.quants_k`.
 
-Each loops over 256-value super-blocks the way llama.cpp's ``quantize_row_q4_K_ref`` and
-``quantize_row_q6_K_ref`` do; the exactness conventions are those of
-:mod:`~prebake.formats.jit_bits`.
+They follow llama.cpp's ``quantize_row_q4_K_ref`` and ``quantize_row_q6_K_ref``; the
+exactness conventions are those of :mod:`~prebake.formats.jit_bits`.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from .jit_bits import (
     half_value,
     nearest_int,
     store_half,
+    store_half_at,
 )
 
 QKX2_STEPS = np.array([(_F32(-1) + _F32(0.1) * _F32(i)) + _F32(15) for i in range(21)], _F32)
@@ -33,126 +33,160 @@ def _clamp(v, lo, hi):
     return max(lo, min(hi, v))
 
 
+# Q4_K: ``make_qkx2_quants`` searches each 32-value sub-block on its own, with float sums that
+# must run in order. The kernel runs the searches of GROUP super-blocks side by side instead:
+# every array is (32 elements, lanes), one lane per sub-block, and every loop over lanes is a
+# SIMD loop. Each lane does exactly the scalar search's operations in its order, so its bytes
+# are the reference's; branches become per-lane selects. 2.5x the scalar kernel.
+GROUP = 16
+
+
 @njit(inline="always")
-def _qkx2(xs, w, L, Laux):
-    """``make_qkx2_quants(32, 15, xs, w, L, &the_min, Laux, -1, 0.1, 20, false)``."""
-    lo = xs[0]
-    hi = xs[0]
-    sum_w = w[0]
-    sum_x = sum_w * xs[0]
-    for i in range(1, 32):
-        v = xs[i]
-        if v < lo:
-            lo = v
-        if v > hi:
-            hi = v
-        sum_w += w[i]
-        sum_x += w[i] * v
-    if lo > ZERO:
-        lo = ZERO
-    if hi == lo:
+def _search_start(xt, w, g, n, lo, hi, sw, sx, span, isc, scale, best, L, live):
+    """The search's first pass: range, weight sums and the levels at the plain 15/(max-min)."""
+    for k in range(g):
+        lo[k] = hi[k] = xt[0, k]
+        sw[k] = w[0, k]
+        sx[k] = w[0, k] * xt[0, k]
+    for i in range(1, n):
+        for k in range(g):
+            v = xt[i, k]
+            lo[k] = v if v < lo[k] else lo[k]
+            hi[k] = v if v > hi[k] else hi[k]
+            sw[k] += w[i, k]
+            sx[k] += w[i, k] * v
+    for k in range(g):
+        lo[k] = ZERO if lo[k] > ZERO else lo[k]
+        live[k] = hi[k] != lo[k]  # a constant sub-block returns scale 0 and keeps -min
+        span[k] = hi[k] - lo[k]
+        isc[k] = _F32(15) / span[k]
+        scale[k] = ONE / isc[k]
+        best[k] = ZERO
+    for i in range(n):
+        for k in range(g):
+            lv = _F32(_clamp(nearest_int(isc[k] * (xt[i, k] - lo[k])), 0, 15))
+            L[i, k] = lv
+            diff = scale[k] * lv + lo[k] - xt[i, k]
+            best[k] += w[i, k] * (diff * diff)
+
+
+@njit(inline="always")
+def _search_step(step, xt, w, g, n, lo, hi, sw, sx, span, scale, best, L, La, live, t):
+    """One of the 21 steps: levels at ``step/(max-min)``, least-squares scale and min, keep if better."""
+    isc, s_l, s_l2, s_xl, ts, tm, cur, take = t
+    for k in range(g):
+        isc[k] = step / span[k]
+        s_l[k] = s_l2[k] = s_xl[k] = ZERO
+    for i in range(n):
+        for k in range(g):
+            lf = _F32(_clamp(nearest_int(isc[k] * (xt[i, k] - lo[k])), 0, 15))
+            La[i, k] = lf
+            wl = w[i, k] * lf
+            s_l[k] += wl
+            s_l2[k] += wl * lf
+            s_xl[k] += wl * xt[i, k]
+    for k in range(g):
+        D = sw[k] * s_l2[k] - s_l[k] * s_l[k]
+        a = (sw[k] * s_xl[k] - sx[k] * s_l[k]) / D
+        m = (s_l2[k] * sx[k] - s_l[k] * s_xl[k]) / D
+        ts[k] = s_xl[k] / s_l2[k] if m > ZERO else a
+        tm[k] = ZERO if m > ZERO else m
+        take[k] = live[k] and D > ZERO
+        cur[k] = ZERO
+    for i in range(n):
+        for k in range(g):
+            diff = ts[k] * La[i, k] + tm[k] - xt[i, k]
+            cur[k] += w[i, k] * (diff * diff)
+    for k in range(g):
+        better = take[k] and cur[k] < best[k]
+        take[k] = better
+        best[k] = cur[k] if better else best[k]
+        scale[k] = ts[k] if better else scale[k]
+        lo[k] = tm[k] if better else lo[k]
+        span[k] = hi[k] - lo[k]
+    for i in range(n):
+        for k in range(g):
+            L[i, k] = La[i, k] if take[k] else L[i, k]
+
+
+@njit(inline="always")
+def _pack_q4_k(x, out, b, q, n, scale, lo, L, live, Lf):
+    """Super-block ``b`` (lanes 8q..8q+7): 6-bit scales and mins, fp16 d/dmin, final levels."""
+    max_scale = max_min = ZERO
+    for j in range(8):
+        k = 8 * q + j
+        scale[k] = scale[k] if live[k] else ZERO
+        lo[k] = -lo[k]  # the_min
+        if scale[k] > max_scale:
+            max_scale = scale[k]
+        if lo[k] > max_min:
+            max_min = lo[k]
+    inv_scale = _F32(63) / max_scale if max_scale > ZERO else ZERO
+    inv_min = _F32(63) / max_min if max_min > ZERO else ZERO
+    hd = half_bits(max_scale / _F32(63))
+    hm = half_bits(max_min / _F32(63))
+    store_half_at(out, b, 0, hd)
+    store_half_at(out, b, 2, hm)
+    dv, mv = half_value(hd), half_value(hm)
+    for j in range(8):
+        k = 8 * q + j
+        ls = min(63, nearest_int(inv_scale * scale[k]) & 0xFF)
+        lm = min(63, nearest_int(inv_min * lo[k]) & 0xFF)
+        if j < 4:
+            out[b, 4 + j] = ls
+            out[b, 8 + j] = lm
+        else:
+            out[b, j] |= (ls >> 4) << 6
+            out[b, 4 + j] |= (lm >> 4) << 6
+            out[b, 8 + j] = (ls & 0x0F) | ((lm & 0x0F) << 4)
+        d = dv * _F32(ls)
+        if d == ZERO:  # keeps the search's levels
+            for i in range(n):
+                Lf[n * j + i] = np.int64(L[i, k]) if live[k] else 0
+            continue
+        dm = mv * _F32(lm)
+        for i in range(n):
+            Lf[n * j + i] = _clamp(nearest_int((x[b, n * j + i] + dm) / d), 0, 15)
+    for g in range(4):
         for i in range(32):
-            L[i] = 0
-        return ZERO, -lo
-    span = hi - lo
-    iscale = _F32(15) / span
-    scale = ONE / iscale
-    best_error = ZERO
-    for i in range(32):
-        lv = _clamp(nearest_int(iscale * (xs[i] - lo)), 0, 15)
-        L[i] = lv
-        diff = scale * _F32(lv) + lo - xs[i]
-        best_error += w[i] * (diff * diff)
-    for s in range(21):
-        iscale = QKX2_STEPS[s] / span
-        sum_l = ZERO
-        sum_l2 = ZERO
-        sum_xl = ZERO
-        for i in range(32):
-            lv = _clamp(nearest_int(iscale * (xs[i] - lo)), 0, 15)
-            Laux[i] = lv
-            lf = _F32(lv)
-            wl = w[i] * lf
-            sum_l += wl
-            sum_l2 += wl * lf
-            sum_xl += wl * xs[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > ZERO:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > ZERO:
-                this_min = ZERO
-                this_scale = sum_xl / sum_l2
-            cur_error = ZERO
-            for i in range(32):
-                diff = this_scale * _F32(Laux[i]) + this_min - xs[i]
-                cur_error += w[i] * (diff * diff)
-            if cur_error < best_error:
-                for i in range(32):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                lo = this_min
-                span = hi - lo
-    return scale, -lo
+            out[b, 16 + 32 * g + i] = Lf[64 * g + i] | (Lf[64 * g + 32 + i] << 4)
 
 
 @njit(**JIT)
 def q4_k(x, out):
-    w = np.empty(32, _F32)
-    L = np.empty(256, np.int64)
-    Laux = np.empty(32, np.int64)
-    scales = np.empty(8, _F32)
-    mins = np.empty(8, _F32)
-    ls = np.empty(8, np.int64)
-    lm = np.empty(8, np.int64)
-    for b in range(x.shape[0]):
-        xb, ob = x[b], out[b]
-        for i in range(256):
-            if not abs(xb[i]) <= FLT_MAX:
-                return b
-        max_scale = ZERO
-        max_min = ZERO
-        for j in range(8):
-            xs = xb[32 * j : 32 * j + 32]
-            sum_x2 = ZERO
-            for i in range(32):
-                sum_x2 += xs[i] * xs[i]
-            av_x = np.sqrt(sum_x2 / _F32(32))
-            for i in range(32):
-                w[i] = av_x + abs(xs[i])
-            scale, the_min = _qkx2(xs, w, L[32 * j : 32 * j + 32], Laux)
-            scales[j] = scale
-            mins[j] = the_min
-            if scale > max_scale:
-                max_scale = scale
-            if the_min > max_min:
-                max_min = the_min
-        inv_scale = _F32(63) / max_scale if max_scale > ZERO else ZERO
-        inv_min = _F32(63) / max_min if max_min > ZERO else ZERO
-        for j in range(8):
-            ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-            lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-        for j in range(4):
-            ob[4 + j] = ls[j] | ((ls[j + 4] >> 4) << 6)
-            ob[8 + j] = lm[j] | ((lm[j + 4] >> 4) << 6)
-            ob[12 + j] = (ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4)
-        hd = half_bits(max_scale / _F32(63))
-        hm = half_bits(max_min / _F32(63))
-        store_half(ob, 0, hd)
-        store_half(ob, 2, hm)
-        dv = half_value(hd)
-        mv = half_value(hm)
-        for j in range(8):
-            d = dv * _F32(ls[j])
-            if d == ZERO:
-                continue  # keeps the search's levels
-            dm = mv * _F32(lm[j])
-            for i in range(32):
-                L[32 * j + i] = _clamp(nearest_int((xb[32 * j + i] + dm) / d), 0, 15)
-        for g in range(4):
-            for i in range(32):
-                ob[16 + 32 * g + i] = L[64 * g + i] | (L[64 * g + 32 + i] << 4)
+    nb, n = x.shape[0], x.shape[1] // 8  # n = 32, read at run time so lane loops vectorize
+    G = 8 * GROUP
+    xt, w, L, La = np.empty((n, G), _F32), np.empty((n, G), _F32), np.empty((n, G), _F32), np.empty((n, G), _F32)
+    lanes = np.empty((14, G), _F32)  # per-lane state: rows below, then step work space
+    lo, hi, sw, sx, span, isc, scale, best = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], \
+        lanes[6], lanes[7]
+    t = (lanes[8], lanes[9], lanes[10], lanes[11], lanes[12], lanes[13], np.empty(G, _F32), np.empty(G, np.bool_))
+    live = np.empty(G, np.bool_)
+    Lf = np.empty(256, np.int64)
+    for b0 in range(0, nb, GROUP):
+        g = 8 * min(GROUP, nb - b0)
+        for b in range(b0, b0 + g // 8):
+            for i in range(8 * n):
+                if not abs(x[b, i]) <= FLT_MAX:
+                    return b
+        for k in range(g):  # lane k: sub-block k % 8 of super-block b0 + k // 8
+            for i in range(n):
+                xt[i, k] = x[b0 + k // 8, n * (k % 8) + i]
+        for k in range(g):  # weights av_x + |x|, av_x = sqrt(sum x^2 / 32) summed in order
+            sw[k] = ZERO
+        for i in range(n):
+            for k in range(g):
+                sw[k] += xt[i, k] * xt[i, k]
+        for k in range(g):
+            sw[k] = np.sqrt(sw[k] / _F32(32))
+        for i in range(n):
+            for k in range(g):
+                w[i, k] = sw[k] + abs(xt[i, k])
+        _search_start(xt, w, g, n, lo, hi, sw, sx, span, isc, scale, best, L, live)
+        for s in range(21):
+            _search_step(QKX2_STEPS[s], xt, w, g, n, lo, hi, sw, sx, span, scale, best, L, La, live, t)
+        for q in range(g // 8):
+            _pack_q4_k(x, out, b0 + q, q, n, scale, lo, L, live, Lf)
     return OK
 
 
