@@ -44,26 +44,47 @@ class QuantLinear(nn.Module):
         return PackedTensor(self.blocks, self.qtype, (self.out_features, self.in_features), self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = _PackedMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def bands(self, dtype: torch.dtype, device: torch.device):
+        """Yields (first row, the weight's rows from there, unpacked): views of the shared work
+        buffer, valid until the next band is asked for."""
         step = min(self.out_features, max(1, CHUNK // (4 * self.in_features)))
         packed, shape = self.packed, (step, self.in_features)
-        work = _work(step * self.in_features, torch.float32, x.device).view(shape)  # the unpacking's
-        band = work if x.dtype == torch.float32 else _work(work.numel(), x.dtype, x.device).view(shape)
-        parts = []
+        work = _work(step * self.in_features, torch.float32, device).view(shape)  # the unpacking's
+        band = work if dtype == torch.float32 else _work(work.numel(), dtype, device).view(shape)
         for r in range(0, self.out_features, step):
             rows = packed.rows(r, r + step)
             k = rows.shape[0]
             rows.dequantize(out=work[:k])
             if band is not work:
                 band[:k].copy_(work[:k])
-            if step == self.out_features:
-                return F.linear(x, band, bias)
-            parts.append(F.linear(x, band[:k]))
-        y = torch.cat(parts, dim=-1)
-        return y if bias is None else y + bias
+            yield r, band[:k]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """``x @ W.T`` a band of W's rows at a time; the backward pass unpacks the bands again rather
+    than keeping them (they live in the shared work buffer), so gradients flow to ``x`` (adapters
+    on a quantized base) with no float copy of W kept."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        parts = [F.linear(x, w) for _, w in layer.bands(x.dtype, x.device)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer = ctx.layer
+        gx = None
+        for r, w in layer.bands(grad.dtype, grad.device):
+            part = grad[..., r : r + w.shape[0]] @ w
+            gx = part if gx is None else gx.add_(part)
+        return gx, None
 
 
 def swap_linears(module: nn.Module, packed: dict[str, PackedTensor]) -> list[str]:

@@ -112,13 +112,19 @@ def test_quant_linear_equals_linear_on_the_unpacked_weight(qtype, dtype, monkeyp
     p = PackedTensor(torch.from_numpy(quantize(w, qtype)), qtype, w.shape, torch.float32)
     bias = torch.from_numpy(rng.standard_normal(96).astype(np.float32))
     x = torch.from_numpy(rng.standard_normal((3, 5, 512)).astype(np.float32)).to(dtype)
+    x.requires_grad_(True)
     ref = F.linear(x, p.dequantize(dtype), bias.to(dtype))
+    g = torch.from_numpy(rng.standard_normal(ref.shape).astype(np.float32)).to(dtype)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
     lin = QuantLinear(p, bias)
+    # the bias is added after the bands' products, so sums round differently: not bit-equal
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     for chunk in (1 << 20, 40 * 512 * 4):  # one band, and bands of 40 rows (the last one short)
         monkeypatch.setattr(ql, "CHUNK", chunk)
-        # the bias is added after the bands' products, so sums round differently: not bit-equal
-        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
-        torch.testing.assert_close(lin(x), ref, **tol)
+        y = lin(x)
+        torch.testing.assert_close(y, ref, **tol)
+        # gradients reach the input (adapters on a quantized base): bands unpacked again
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], ref_grad, **tol)
 
 
 def _random_llama(path, layers: int = 2):
