@@ -26,7 +26,8 @@ import xxhash
 from prebake.cache.manifest import is_bake, read_manifest
 from prebake.formats.errors import FormatError
 
-FORMAT_VERSION = 1  # bumped when a bake made by an older prebake must not be reused
+FORMAT_VERSION = 2  # bumped when a bake made by an older prebake must not be reused (2: the
+# output head of a single --quant type went to Q6_K)
 _USED = ".last_used"
 
 
