@@ -151,6 +151,8 @@ class PackedTensor:
         """
         block, size = QUANT_SIZES[self.qtype]
         blocks = self.blocks.reshape(-1, size)
+        if out is not None and out.shape != self.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, the tensor {tuple(self.shape)}")
         if out is not None and out.dtype == torch.float32 and out.is_contiguous():
             dequantize_blocks(blocks, self.qtype, out.view(-1, block))
             return out

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from prebake.cache.packed import PackedTensor
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 CHUNK = 1 << 20
 _local = threading.local()
@@ -27,7 +28,8 @@ def _work(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     bufs = _local.__dict__.setdefault("bufs", {})
     buf = bufs.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(dtype, device)] = torch.empty(max(numel, CHUNK // 4), dtype=dtype, device=device)
+        with torch.inference_mode(False):  # made in inference mode, it could not be written outside it
+            buf = bufs[(dtype, device)] = torch.empty(max(numel, CHUNK // 4), dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -78,13 +80,13 @@ class _PackedMatmul(torch.autograd.Function):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     @staticmethod
+    @once_differentiable  # the bands are gone after the call: no graph of the backward itself
     def backward(ctx, grad: torch.Tensor):
-        layer = ctx.layer
-        gx = None
-        for r, w in layer.bands(grad.dtype, grad.device):
-            part = grad[..., r : r + w.shape[0]] @ w
+        gx = None  # summed over bands in float32, as one matmul would, then cast once
+        for r, w in ctx.layer.bands(grad.dtype, grad.device):
+            part = (grad[..., r : r + w.shape[0]] @ w).float()
             gx = part if gx is None else gx.add_(part)
-        return gx, None
+        return gx.to(grad.dtype), None
 
 
 def swap_linears(module: nn.Module, packed: dict[str, PackedTensor]) -> list[str]:

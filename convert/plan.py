@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prebake.convert.order import big_first_in_layers, execution_order
-from prebake.convert.quant_policy import QuantPolicy, choose
+from prebake.convert.quant_policy import SINGLE, QuantPolicy, choose
 from prebake.formats.errors import FormatError
 from prebake.formats.ggml_types import blocks_shape
 from prebake.formats.safetensors_writer import BIG_TENSOR, Slot, header_bytes, place
@@ -43,6 +43,9 @@ class Options:
             raise ValueError("--shard-size must be positive")
         if self.quant:
             QuantPolicy(self.quant)  # validates the recipe
+        if self.quant_pure and self.quant not in SINGLE:
+            raise ValueError("--quant-pure needs --quant with a single type (q8_0, q4_0, ..., q6_k), not "
+                             f"{self.quant or 'none'}")
 
     @property
     def policy(self) -> QuantPolicy | None:

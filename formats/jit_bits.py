@@ -176,15 +176,23 @@ def unkey(k):
     return from_bits(k ^ ((k >> 31) & 0x7FFFFFFF))
 
 
+def _to_i32(builder, v):
+    """An LLVM integer as i32: truncated, or zero-extended (levels and shifts are never negative)."""
+    width = v.type.width
+    if width > 32:
+        return builder.trunc(v, _I32)
+    return builder.zext(v, _I32) if width < 32 else v
+
+
 @intrinsic
 def high_bit32(typingctx, acc, q, at):
     """``acc | ((q >> 4) << at)`` in int32: the fifth bit of level ``q`` put at bit ``at``."""
+    if not (isinstance(q, types.Integer) and isinstance(at, types.Integer)):
+        return None
 
     def codegen(context, builder, signature, args):
         a, level, shift = args
-        if level.type.width != 32:
-            level = builder.trunc(level, _I32)
-        high = builder.lshr(level, ir.Constant(_I32, 4))
-        return builder.or_(a, builder.shl(high, builder.trunc(shift, _I32)))
+        high = builder.lshr(_to_i32(builder, level), ir.Constant(_I32, 4))
+        return builder.or_(a, builder.shl(high, _to_i32(builder, shift)))
 
     return types.int32(types.int32, q, at), codegen

@@ -33,3 +33,12 @@ def test_biases_between_weights_cost_at_most_one_pad_per_layer():
     for s in slots:
         if s.nbytes >= 1 << 20:
             assert s.offset % 4096 == 0
+
+
+def test_quant_pure_needs_a_single_type():
+    import pytest
+
+    assert Options(quant="q4_k", quant_pure=True).policy.pure
+    for quant in (None, "q4_k_m"):
+        with pytest.raises(ValueError, match="--quant-pure needs --quant with a single type"):
+            Options(quant=quant, quant_pure=True)

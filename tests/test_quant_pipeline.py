@@ -127,6 +127,36 @@ def test_quant_linear_equals_linear_on_the_unpacked_weight(qtype, dtype, monkeyp
         torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], ref_grad, **tol)
 
 
+def test_quant_linear_modes_and_bf16_gradients(monkeypatch):
+    import prebake.cache.qlinear as ql
+
+    monkeypatch.setattr(ql, "_local", __import__("threading").local())  # fresh work buffers
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((512, 256)) * 0.02).astype(np.float32)
+    p = PackedTensor(torch.from_numpy(quantize(w, "Q8_0")), "Q8_0", w.shape, torch.float32)
+    lin = QuantLinear(p)
+    x = torch.from_numpy(rng.standard_normal((4, 256)).astype(np.float32))
+    with torch.inference_mode():  # the first call makes the work buffer: it must serve later calls too
+        first = lin(x)
+    with torch.no_grad():
+        assert torch.equal(lin(x), first)
+    # many bands (64 of 8 rows): the input gradient is summed in float32, so bf16 costs what one matmul does
+    monkeypatch.setattr(ql, "CHUNK", 8 * 256 * 4)
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    g = torch.from_numpy(rng.standard_normal((4, 512)).astype(np.float32))
+    exact = g @ p.dequantize()
+    (ours,) = torch.autograd.grad(lin(xb), xb, g.to(torch.bfloat16))
+    (plain,) = torch.autograd.grad(F.linear(xb, p.dequantize(torch.bfloat16)), xb, g.to(torch.bfloat16))
+    err = lambda a: float((a.float() - exact).norm() / exact.norm())  # noqa: E731
+    assert err(ours) <= 1.5 * err(plain) + 1e-3, (err(ours), err(plain))
+    xg = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(lin(xg).sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):  # an error, not a wrong answer
+        gx.sum().backward()
+    with pytest.raises(ValueError, match="shape"):
+        p.dequantize(out=torch.empty(256, 512))
+
+
 def _random_llama(path, layers: int = 2):
     """Hidden 256: every row fits a 256-block, so q4_k really is Q4_K everywhere."""
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
