@@ -55,7 +55,7 @@ def _write_shard(index: int, shard: ShardPlan, path: Path, progress: Progress) -
                                              h.hexdigest())
             else:
                 entries[p.name] = TensorEntry(p.dtype, list(p.source.shape), index, offset, slot.nbytes,
-                                              h.hexdigest(), None if p.transform == "copy" else p.source.dtype)
+                                              h.hexdigest(), None if p.transform == "copy" else p.source.qtype or p.source.dtype)
         _guard(writer.close, path)
     except BaseException:
         writer.abort() if writer.fd >= 0 else None

@@ -135,7 +135,7 @@ class BakePlan:
             "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors),
                         "padding": sum(x.is_padding for x in s.slots)} for s in self.shards],
             "aliases": {a.name: a.target for a in self.aliases},
-            "transforms": {p.name: f"{p.source.dtype}->{p.qtype or p.dtype}" for s in self.shards
+            "transforms": {p.name: f"{p.source.qtype or p.source.dtype}->{p.qtype or p.dtype}" for s in self.shards
                            for p in s.tensors.values() if p.transform != "copy"},
             "quant_kept": self.quant_kept,
         }
@@ -156,9 +156,9 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
     targets = {a.target for a in aliases}  # aliases view float bytes: their targets keep them
     floats, blocks = [], []
     for t in stored:
-        logical = t.dtype if t.dtype in DTYPE_SIZES else options.dtype or "F16"
-        if options.keep_quant and t.dtype not in DTYPE_SIZES:
-            blocks.append(Planned(t.name, t, "U8", "blocks", t.dtype, logical))
+        logical = t.dtype if t.qtype is None else options.dtype or "F16"
+        if options.keep_quant and t.qtype is not None:
+            blocks.append(Planned(t.name, t, "U8", "blocks", t.qtype, logical))
             continue
         if t.name in chosen:
             blocks.append(Planned(t.name, t, "U8", "quantize", chosen[t.name], logical))
@@ -183,7 +183,7 @@ def _unique(tensors: list[TensorInfo]) -> dict[str, TensorInfo]:
 
 
 def _planned(t: TensorInfo, options: Options) -> Planned:
-    if t.dtype not in DTYPE_SIZES:  # GGML blocks: dequantize
+    if t.qtype is not None:  # GGML blocks: dequantize
         return Planned(t.name, t, options.dtype or "F16", "dequantize")
     if options.dtype and t.dtype in FLOAT_DTYPES and t.dtype != options.dtype:
         return Planned(t.name, t, options.dtype, "cast")

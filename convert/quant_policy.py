@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 from prebake.convert.order import is_head, layer_of
 from prebake.formats.errors import PrebakeError
-from prebake.formats.ggml_types import QUANT_SIZES
 from prebake.formats.tensor import FLOAT_DTYPES, TensorInfo
 
 SINGLE = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
@@ -78,7 +77,7 @@ def choose(policy: QuantPolicy, tensors: list[TensorInfo]) -> tuple[dict[str, st
 
 def _eligible(policy: QuantPolicy, t: TensorInfo) -> bool:
     # GGML blocks (GGUF input without --keep-quant) are re-quantized from their dequantized values
-    if (t.dtype not in FLOAT_DTYPES and t.dtype not in QUANT_SIZES) or len(t.shape) != 2 or t.numel < MIN_ELEMENTS:
+    if t.dtype not in FLOAT_DTYPES or len(t.shape) != 2 or t.numel < MIN_ELEMENTS:
         return False
     if policy.only:
         return any(fnmatch.fnmatchcase(t.name, g) for g in policy.only) and \

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from prebake.convert.plan import Planned
-from prebake.formats.tensor import DTYPE_SIZES, numpy_dtype
+from prebake.formats.tensor import numpy_dtype
 
 CHUNK = 64 << 20
 
@@ -57,7 +57,7 @@ def _row_blocks(data: np.ndarray, items: int) -> Iterator[np.ndarray]:
 def _dequantize(p: Planned, blocks: np.ndarray, chunk: int) -> Iterator[memoryview]:
     import gguf
 
-    qtype = gguf.GGMLQuantizationType[p.source.dtype]
+    qtype = gguf.GGMLQuantizationType[p.source.qtype]
     dst = numpy_dtype(p.dtype)
     row_elems = p.source.shape[-1] if p.source.shape else 1
     rows_per = max(1, chunk // (4 * row_elems))
@@ -70,16 +70,16 @@ def _quantize(p: Planned, data: np.ndarray, chunk: int) -> Iterator[memoryview]:
 
     rows_per = max(1, chunk // (4 * p.source.shape[-1]))  # about `chunk` bytes of float32 at a time
     for rows in _row_blocks(data, rows_per * data[0].size):  # source rows: items, or a row's blocks
-        yield _bytes(quantize(_float_rows(p.source.dtype, rows), p.qtype))
+        yield _bytes(quantize(_float_rows(p.source, rows), p.qtype))
 
 
-def _float_rows(dtype: str, rows: np.ndarray) -> np.ndarray:
+def _float_rows(t, rows: np.ndarray) -> np.ndarray:
     """float32 values of some rows: a cast of plain items, or GGML blocks dequantized as gguf-py does."""
-    if dtype in DTYPE_SIZES:
-        return np.ascontiguousarray(rows).view(numpy_dtype(dtype)).astype(np.float32, copy=False)
+    if t.qtype is None:
+        return np.ascontiguousarray(rows).view(numpy_dtype(t.dtype)).astype(np.float32, copy=False)
     import gguf
 
-    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[dtype])
+    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[t.qtype])
 
 
 def _bytes(a: np.ndarray) -> memoryview:

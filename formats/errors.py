@@ -1,7 +1,10 @@
 """The one error family of prebake.
 
-The CLI turns any :class:`PrebakeError` into one line naming the file and the problem and a
-non-zero exit; anything else is a bug and keeps its traceback.
+Every error a user can cause, from the command line or the Python API, is a
+:class:`PrebakeError`. The CLI turns exactly these into one line naming the file and the problem
+and an exit code (1 for bad input or output, 2 for a bad argument); anything else is a bug and
+keeps its traceback. Some subclasses also derive from ``ValueError`` or ``KeyError`` where
+callers of the Python API expect those.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ class PrebakeError(Exception):
 
     def __init__(self, message: str, path: object = None):
         self.path = None if path is None else str(path)
+        self.message = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+    def __str__(self) -> str:  # KeyError would print its argument's repr, quotes and all
+        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 class FormatError(PrebakeError):
@@ -34,8 +41,26 @@ class OutputError(PrebakeError):
 
 
 class ManifestError(PrebakeError):
-    """A bake's manifest is missing, malformed, or of an unknown version."""
+    """A bake's manifest is missing, malformed, of an unknown version, or points outside the bake."""
 
 
 class VerifyError(PrebakeError):
     """A baked tensor or file no longer matches its recorded checksum."""
+
+
+class UsageError(PrebakeError, ValueError):
+    """An argument or option that cannot work (exit code 2, like argparse's own errors)."""
+
+    exit_code = 2
+
+
+class QuantError(UsageError):
+    """A quantization recipe or option that does not exist or does not combine."""
+
+
+class SpecError(UsageError):
+    """A variant SPEC that does not parse or selects nothing."""
+
+
+class NotInBakeError(PrebakeError, KeyError):
+    """A tensor, variant or component asked for by name is not in the bake."""

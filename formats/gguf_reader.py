@@ -56,7 +56,7 @@ def _describe(reader, t, qtype: str, shape: tuple[int, ...], path: str) -> Tenso
     def read_blocks():
         return reader.data[offset:offset + nbytes].reshape(rows, row // block * type_size)
 
-    return TensorInfo(t.name, qtype, shape, nbytes, path, read_blocks, ref)
+    return TensorInfo(t.name, "F32", shape, nbytes, path, read_blocks, ref, qtype)
 
 
 def metadata(reader) -> dict:

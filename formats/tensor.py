@@ -56,9 +56,10 @@ class StorageRef:
 class TensorInfo:
     """A tensor as a source file stores it; nothing is read until ``read()`` is called.
 
-    ``dtype`` is a safetensors code (``"F32"``) or, for GGUF blocks, a GGML type name
-    (``"Q4_K"``). ``shape`` is the logical shape in PyTorch order. ``read()`` returns a numpy
-    view of the stored data: for plain dtypes an array of shape ``shape`` whose items are raw
+    ``dtype`` is a safetensors code (``"F32"``): the items' type, or for GGML blocks the type
+    they decode to. ``qtype`` names the GGML block type (``"Q4_K"``) when the bytes are blocks.
+    ``shape`` is the logical shape in PyTorch order. ``read()`` returns a numpy view of the
+    stored data: for plain dtypes an array of shape ``shape`` whose items are raw
     ``V{itemsize}`` bytes (strided where the source is strided); for GGML blocks a ``uint8``
     array of shape ``(rows, bytes_per_row)``. It copies nothing.
     """
@@ -70,6 +71,7 @@ class TensorInfo:
     path: str
     read: Callable[[], np.ndarray] = field(repr=False, compare=False)
     storage: StorageRef | None = None
+    qtype: str | None = None
 
     @property
     def numel(self) -> int:
