@@ -1,7 +1,6 @@
-"""The run-time side: the manifest schema, ``load_from_manifest``, ``verify``, module building.
+"""The run-time side: ``load_from_manifest``, ``verify``, module building, the local cache.
 
-Exports are resolved lazily so that the converter, which needs only the manifest schema, never
-imports torch.
+Exports are resolved lazily, so ``import prebake.cache`` costs nothing until a name is used.
 """
 
 from importlib import import_module
@@ -11,8 +10,8 @@ _EXPORTS = {
     "load_components": "prebake.cache.components",
     "ensure": "prebake.cache.store",
     "load_module": "prebake.cache.module",
-    "Manifest": "prebake.cache.manifest",
-    "read_manifest": "prebake.cache.manifest",
+    "Manifest": "prebake.formats.manifest",
+    "read_manifest": "prebake.formats.manifest",
     "verify": "prebake.cache.integrity",
 }
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from prebake.cache.load import load_from_manifest
-from prebake.cache.manifest import Manifest, read_manifest
+from prebake.formats.errors import NotInBakeError
+from prebake.formats.manifest import Manifest, read_manifest
 
 
 class Components(Mapping[str, dict[str, torch.Tensor]]):
@@ -23,17 +24,18 @@ class Components(Mapping[str, dict[str, torch.Tensor]]):
     def __init__(self, path: str | os.PathLike | Manifest, **load_kwargs):
         self.manifest = path if isinstance(path, Manifest) else read_manifest(path)
         if not self.manifest.components:
-            raise KeyError(f"{self.manifest.root} holds one model, not components")
+            raise NotInBakeError("holds one model, not components", self.manifest.root)
         self.load_kwargs = load_kwargs
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}
         self._locks = {name: threading.Lock() for name in self.manifest.components}
 
     def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self.manifest.components:
-            raise KeyError(f"no component {name!r} (the bake has {sorted(self.manifest.components)})")
+            raise NotInBakeError(f"no component {name!r} (the bake has {sorted(self.manifest.components)})",
+                                 self.manifest.root)
         with self._locks[name]:
             if name not in self._loaded:
-                self._loaded[name] = load_from_manifest(self.path_of(name), **self.load_kwargs)
+                self._loaded[name] = load_from_manifest(self.manifest, component=name, **self.load_kwargs)
             return self._loaded[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -41,9 +43,6 @@ class Components(Mapping[str, dict[str, torch.Tensor]]):
 
     def __len__(self) -> int:
         return len(self.manifest.components)
-
-    def path_of(self, name: str):
-        return self.manifest.root / self.manifest.components[name]["path"]
 
     @property
     def loaded(self) -> list[str]:

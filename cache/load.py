@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from prebake.cache.manifest import Manifest, read_manifest
+from prebake.formats.errors import ManifestError, NotInBakeError
+from prebake.formats.manifest import Manifest, TensorEntry, read_component, read_manifest
 
 if TYPE_CHECKING:  # only bakes with quantized blocks need it: imported when they are loaded
     from prebake.cache.packed import PackedTensor
@@ -34,7 +35,7 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
                        device: str | torch.device = "cpu", variant: str | None = None,
                        component: str | None = None, prefetch: bool = False,
                        quant: str | None = "auto") -> dict[str, torch.Tensor | PackedTensor]:
-    """Maps a bake and returns its tensors by name, in layout order.
+    """Maps a bake and returns its tensors by name, in execution order.
 
     ``path``: the bake folder or its ``manifest.json`` (or a :class:`Manifest` already read).
     ``names``: a list of names, or a predicate on names, to load a subset; shards holding none
@@ -43,49 +44,43 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     ``variant``: a variant's tensors under its names (layers and experts renumbered); ``names``
     then selects among those names.
     ``component``: in a bake of several components (diffusers layout), the one to load.
-    ``prefetch``: start reading the loaded tensors' bytes in layout order on a background
-    thread (see :mod:`prebake.cache.prefetch`), so touching tensors in execution order hits
-    the page cache; it stops by itself once the tensors are garbage-collected.
+    ``prefetch``: start reading the loaded tensors' bytes in execution order on a background
+    thread (see :mod:`prebake.cache.prefetch`), so touching tensors in that order hits the
+    page cache; it stops by itself once the tensors are garbage-collected.
     ``quant``: for bakes with quantized blocks. ``"auto"``: a :class:`PackedTensor` where the
     bake has blocks and no float copy, plain tensors elsewhere. The recipe (``"q4_k_m"``), a
     type (``"q4_k"``) or ``"packed"``: packed wherever the bake has such blocks. ``None``:
     plain tensors only, unpacking (copying) those the bake holds only as blocks.
 
+    Raises :class:`~prebake.formats.errors.NotInBakeError` (a ``KeyError``) for a name,
+    variant or component the bake does not hold, and
+    :class:`~prebake.formats.errors.ManifestError` for a damaged bake.
+
     >>> sd = load_from_manifest("baked/")                                    # doctest: +SKIP
     >>> model.load_state_dict(sd, assign=True)                               # doctest: +SKIP
     """
     m = path if isinstance(path, Manifest) else read_manifest(path)
-    if m.components:
-        if component not in m.components:
-            raise KeyError(f"the bake holds components {sorted(m.components)}: pass component= one of them")
-        m = read_manifest(m.root / m.components[component]["path"])
-    elif component is not None:
-        raise KeyError(f"the bake has no components (asked for {component!r})")
+    if m.components or component is not None:
+        if component is None:
+            raise NotInBakeError(f"the bake holds components {sorted(m.components)}: pass component= one of "
+                                 "them", m.root)
+        m = read_component(m, component)
     if variant is not None:
         return _load_variant(m, variant, names, device, prefetch, quant)
-    wanted = _selector(names, m.tensors.keys() | m.aliases.keys() | m.quantized.keys())
-    packed = {n for n in _packed_names(m, quant) if wanted(n)}
+    wanted = _selector(names, m.tensors.keys() | m.aliases.keys(), m)
     targets = {a.target for n, a in m.aliases.items() if wanted(n)}
+    form = _form_chooser(m, quant)
     shards = _Shards(m)
     out: dict[str, torch.Tensor | PackedTensor] = {}
+    spans = []
     for name, e in m.tensors.items():
-        if (wanted(name) and name not in packed) or name in targets:
-            out[name] = view(shards[e.shard], TORCH_DTYPES[e.dtype], e.offset, e.shape)
-    if m.quantized:
-        from prebake.cache.packed import PackedTensor
-        from prebake.formats.ggml_types import blocks_shape
-    for name, q in m.quantized.items():
-        if name in packed or (wanted(name) and name not in m.tensors):
-            blocks = view(shards[q.shard], torch.uint8, q.offset, blocks_shape(q.qtype, tuple(q.shape)))
-            out[name] = PackedTensor(blocks, q.qtype, q.shape, TORCH_DTYPES[q.dtype])
-            if name not in packed:  # quant=None: the caller wants plain tensors
-                out[name] = out[name].dequantize()
-    if m.quantized:  # blocks live in shards of their own: back into layout order
-        out = dict(sorted(out.items(), key=lambda kv: _position(m, kv[0])))
+        if wanted(name) or name in targets:
+            out[name], span = _tensor(shards, e, form(e))
+            spans.append(span)
     if prefetch and torch.device(device).type == "cpu":
-        from prebake.cache.prefetch import Prefetcher, shard_ranges
+        from prebake.cache.prefetch import Prefetcher, coalesce
 
-        Prefetcher(shard_ranges(m, out), owners=shards.values())
+        Prefetcher(coalesce(spans, m.shard_path), owners=shards.values())
     if torch.device(device).type != "cpu":
         out = {k: v.to(device) for k, v in out.items()}
     for name, a in m.aliases.items():
@@ -96,6 +91,44 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
         if not wanted(name):
             del out[name]
     return out
+
+
+def _tensor(shards: _Shards, e: TensorEntry, form: str) -> tuple[torch.Tensor | PackedTensor, tuple]:
+    """The tensor ``e`` in the form asked for ("plain", "packed" or "unpack"), and the bytes it maps."""
+    if form == "plain":
+        return view(shards[e.shard], TORCH_DTYPES[e.dtype], e.offset, e.shape), (e.shard, e.offset, e.nbytes)
+    from prebake.cache.packed import PackedTensor
+    from prebake.formats.ggml_types import blocks_shape
+
+    qtype, shard, offset, nbytes = (e.qtype, e.shard, e.offset, e.nbytes) if e.qtype else e.packed[:4]
+    blocks = view(shards[shard], torch.uint8, offset, blocks_shape(qtype, tuple(e.shape)))
+    packed = PackedTensor(blocks, qtype, e.shape, TORCH_DTYPES[e.dtype])
+    return (packed.dequantize() if form == "unpack" else packed), (shard, offset, nbytes)
+
+
+def _form_chooser(m: Manifest, quant: str | None) -> Callable[[TensorEntry], str]:
+    """For each entry: "plain" (its float bytes), "packed" (a PackedTensor) or "unpack" (blocks unpacked)."""
+    if quant is None:
+        return lambda e: "unpack" if e.qtype else "plain"
+    if quant == "auto":
+        return lambda e: "packed" if e.qtype else "plain"
+    if quant in ("packed", m.options.get("quant")):
+        return lambda e: "packed" if e.qtype or e.packed else "plain"
+    kinds = {q.lower() for q in _qtypes(m)}
+    if quant.lower() not in kinds:
+        raise NotInBakeError(f"the bake has no {quant!r} blocks (it has {sorted(kinds | {'packed'})})", m.root)
+
+    def choose(e: TensorEntry) -> str:
+        qtype = e.qtype or (e.packed.qtype if e.packed else None)
+        if qtype is not None and qtype.lower() == quant.lower():
+            return "packed"
+        return "unpack" if e.qtype else "plain"
+
+    return choose
+
+
+def _qtypes(m: Manifest) -> set[str]:
+    return {e.qtype or e.packed.qtype for e in m.tensors.values() if e.qtype or e.packed}
 
 
 class _Shards(dict):
@@ -110,30 +143,14 @@ class _Shards(dict):
         return storage
 
 
-def _position(m: Manifest, name: str) -> tuple[int, int]:
-    e = m.tensors.get(name) or m.quantized[name]
-    return e.shard, e.offset
-
-
-def _packed_names(m: Manifest, quant: str | None) -> set[str]:
-    if not m.quantized or quant is None:
-        return set()
-    if quant == "auto":
-        return set(m.quantized) - set(m.tensors)
-    if quant in ("packed", m.options.get("quant")):
-        return set(m.quantized)
-    chosen = {n for n, q in m.quantized.items() if q.qtype.lower() == quant.lower()}
-    if not chosen:
-        kinds = sorted({q.qtype.lower() for q in m.quantized.values()} | {m.options.get("quant") or "packed"})
-        raise KeyError(f"the bake has no {quant!r} blocks (it has {kinds})")
-    return chosen
-
-
 def map_shard(path: Path, size: int) -> torch.UntypedStorage:
     """One private, read-through memory map of a whole shard file."""
-    actual = os.path.getsize(path)
+    try:
+        actual = os.path.getsize(path)
+    except OSError as e:
+        raise ManifestError(f"shard is missing or unreadable ({e.strerror}): the bake is damaged; convert again",
+                            path) from None
     if actual != size:
-        from prebake.formats.errors import ManifestError
         raise ManifestError(f"shard is {actual} bytes, the manifest says {size}: the bake is damaged "
                             "or was changed; run 'prebake verify' or convert again", path)
     return torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
@@ -148,25 +165,35 @@ def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape) 
 
 def _load_variant(m: Manifest, variant: str, names: Names, device, prefetch: bool, quant) -> dict[str, torch.Tensor]:
     if variant not in m.variants:
-        raise KeyError(f"the bake has no variant {variant!r} (it has {sorted(m.variants) or 'none'})")
+        raise NotInBakeError(f"the bake has no variant {variant!r} (it has {sorted(m.variants) or 'none'})", m.root)
     entries = m.variants[variant]["tensors"]
-    wanted = _selector(names, entries.keys())
+    wanted = _selector(names, entries.keys(), m)
     entries = {n: e for n, e in entries.items() if wanted(n)}
     stored = load_from_manifest(m, names={e["source"] for e in entries.values()}, device=device, prefetch=prefetch,
                                 quant=quant)
     return {n: _rows(stored[e["source"]], e.get("rows")) for n, e in entries.items()}
 
 
-def _rows(t: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
-    """Rows of ``t`` along dim 0: a view for a contiguous run, else a (small) gathered copy."""
+def _rows(t, rows: list[int] | None):
+    """Rows of ``t`` along dim 0 (experts): a view for a contiguous run, else a (small) gathered copy.
+
+    A packed tensor's blocks run along its last dimension, so each index of dim 0 owns a whole
+    number of block rows: selecting experts selects those, and no block is re-encoded.
+    """
     if rows is None:
         return t
+    packed = not isinstance(t, torch.Tensor)
+    data = t.blocks.reshape(t.shape[0], -1) if packed else t
     if rows == list(range(rows[0], rows[0] + len(rows))):
-        return t.narrow(0, rows[0], len(rows))
-    return t.index_select(0, torch.tensor(rows, device=t.device))
+        data = data.narrow(0, rows[0], len(rows))
+    else:
+        data = data.index_select(0, torch.tensor(rows, device=data.device))
+    if not packed:
+        return data
+    return type(t)(data.reshape(-1, t.blocks.shape[-1]), t.qtype, (len(rows), *t.shape[1:]), t.dtype)
 
 
-def _selector(names: Names, known) -> Callable[[str], bool]:
+def _selector(names: Names, known, m: Manifest) -> Callable[[str], bool]:
     if names is None:
         return lambda n: True
     if callable(names):
@@ -174,5 +201,5 @@ def _selector(names: Names, known) -> Callable[[str], bool]:
     chosen = set([names] if isinstance(names, str) else names)
     unknown = chosen - known
     if unknown:
-        raise KeyError(f"not in the bake: {sorted(unknown)[:5]}")
+        raise NotInBakeError(f"not in the bake: {sorted(unknown)[:5]}", m.root)
     return chosen.__contains__

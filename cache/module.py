@@ -10,6 +10,7 @@ import torch
 from prebake.cache.load import Names, load_from_manifest
 from prebake.cache.packed import PackedTensor
 from prebake.cache.qlinear import QuantLinear, dequantize_all, swap_linears
+from prebake.formats.errors import FitError
 from torch import nn
 
 
@@ -54,21 +55,24 @@ def _back_onto_the_map(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, strict: bool = True,
-                names: Names = None, quant: str | None = "auto") -> nn.Module:
+                names: Names = None, quant: str | None = "auto", variant: str | None = None,
+                component: str | None = None) -> nn.Module:
     """``factory()`` builds the model with parameters on meta; the bake's tensors are assigned in.
 
-    Quantized weights (``quant``, as for :func:`load_from_manifest`) of ``nn.Linear`` layers
+    ``names``, ``quant``, ``variant`` and ``component`` select what is loaded, as for
+    :func:`~prebake.cache.load.load_from_manifest`. Quantized weights of ``nn.Linear`` layers
     become :class:`~prebake.cache.qlinear.QuantLinear` layers that keep the blocks packed;
     other packed tensors are unpacked.
     No parameter is initialised or copied: each one is a view of the bake's memory maps. Tied
     weights are re-tied (``tie_weights()``) before checking. With ``strict``, raises
-    ``ValueError`` if a parameter is left unset or the bake holds a tensor the module lacks.
+    :class:`FitError` (a ``ValueError``) if a parameter is left unset or the bake holds a tensor
+    the module lacks.
 
     >>> model = load_module(lambda: LlamaForCausalLM(config), "baked/")   # doctest: +SKIP
     """
     with params_on_meta():
         module = factory()
-    state = load_from_manifest(path, names=names, quant=quant)
+    state = load_from_manifest(path, names=names, quant=quant, variant=variant, component=component)
     packed = {k: v for k, v in state.items() if isinstance(v, PackedTensor)}
     if packed:
         swap_linears(module, packed)
@@ -79,6 +83,6 @@ def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, st
         _back_onto_the_map(module, state)
     unset = [n for n, p in module.named_parameters() if p.is_meta]
     if strict and (unset or result.unexpected_keys):
-        raise ValueError(f"the bake does not fit the module: missing {unset[:5]} ({len(unset)}), "
-                         f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})")
+        raise FitError(f"the bake does not fit the module: missing {unset[:5]} ({len(unset)}), "
+                       f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})", path)
     return module

@@ -1,30 +1,30 @@
 """The local cache of bakes: ``ensure(src)`` converts on first use and reuses afterwards.
 
-Each entry is a bake in ``$PREBAKE_CACHE`` (default ``~/.cache/prebake``) named by a key: a
+Each entry is a bake in the cache root (``$PREBAKE_CACHE``, else ``$XDG_CACHE_HOME/prebake``, else
+``~/.cache/prebake``) named by a key: a
 fingerprint of the source plus the conversion options. The default fingerprint reads each
 source file's size, modification time, and first and last MiB (cheap at any size); ``strict``
 hashes every byte instead. A changed source has another key, so it is never served stale.
 
 Two processes that ask for the same entry at once convert it once: the second waits on the
-entry's lock file (``flock``, released by the kernel even if the holder crashes) and then
-maps the bake the first one made. A crash mid-conversion leaves only a temporary folder, which
-the next conversion removes.
+entry's lock file (``filelock``: an OS lock, released by the kernel even if the holder crashes)
+and then maps the bake the first one made. Lock files live in ``.locks/`` and are never removed:
+deleting a lock file someone waits on would let a newcomer lock a new file and convert beside
+them. A crash mid-conversion leaves only a temporary folder, which the next conversion (or
+``prebake cache gc``) removes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-from prebake.cache.manifest import is_bake, read_manifest
+from filelock import FileLock
 from prebake.formats.errors import FormatError
+from prebake.formats.manifest import file_checksum, hasher, is_bake, read_manifest
 
 FORMAT_VERSION = 2  # bumped when a bake made by an older prebake must not be reused (2: the
 # output head of a single --quant type went to Q6_K)
@@ -32,19 +32,21 @@ _USED = ".last_used"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PREBAKE_CACHE") or Path.home() / ".cache" / "prebake")
+    """``$PREBAKE_CACHE``, else ``$XDG_CACHE_HOME/prebake``, else ``~/.cache/prebake``."""
+    if os.environ.get("PREBAKE_CACHE"):
+        return Path(os.environ["PREBAKE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prebake"
 
 
 def source_fingerprint(src: str | os.PathLike, strict: bool = False) -> str:
     """A hash of what ``src`` is: every file below it, by size and mtime and sampled bytes, or all bytes."""
-    from prebake.cache.integrity import file_checksum
     from prebake.convert.sources import fingerprint
 
     p = Path(src)
     if not p.exists():
         raise FormatError("no such file or folder", p)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    h = xxhash.xxh3_128()
+    h = hasher()
     for f in files:
         rel = f.relative_to(p) if p.is_dir() else f.name
         what = {"size": f.stat().st_size, "content": file_checksum(f)} if strict else fingerprint(f)
@@ -54,19 +56,15 @@ def source_fingerprint(src: str | os.PathLike, strict: bool = False) -> str:
 
 def cache_key(fingerprint: str, options: dict) -> str:
     text = json.dumps({"v": FORMAT_VERSION, "source": fingerprint, "options": options}, sort_keys=True)
-    return xxhash.xxh3_128(text.encode()).hexdigest()[:24]
+    h = hasher()
+    h.update(text.encode())
+    return h.hexdigest()[:24]
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def _lock(root: Path, key: str) -> FileLock:
+    """The lock of one entry; its file is never removed (see the module docstring)."""
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    return FileLock(root / ".locks" / f"{key}.lock")
 
 
 def ensure(src: str | os.PathLike, *, strict: bool = False, root: str | os.PathLike | None = None,
@@ -90,7 +88,7 @@ def _ensure(src, *, strict=False, root=None, progress=None, **convert_options) -
     key = cache_key(fingerprint, {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
     entry = root / key
     if not is_bake(entry):
-        with _locked(root / f".{key}.lock"):
+        with _lock(root, key):
             if not is_bake(entry):  # nobody made it while we waited
                 _make(src, entry, fingerprint, strict, progress, options)
                 _touch(entry)
@@ -135,6 +133,7 @@ class Entry:
     key: str
     path: Path
     source: str
+    options: dict
     bytes: int
     last_used: float
 
@@ -148,7 +147,7 @@ def entries(root: str | os.PathLike | None = None) -> list[Entry]:
             m = read_manifest(p)
             used = root / f".{p.name}{_USED}"
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-            out.append(Entry(p.name, p, m.source.get("path", "?"), size,
+            out.append(Entry(p.name, p, m.source.get("path", "?"), m.options, size,
                              used.stat().st_mtime if used.exists() else p.stat().st_mtime))
     return sorted(out, key=lambda e: -e.last_used)
 
@@ -159,15 +158,20 @@ def remove(key: str, root: str | os.PathLike | None = None) -> bool:
     entry = root / key
     if not entry.exists():
         return False
-    with _locked(root / f".{key}.lock"):
+    with _lock(root, key):
         shutil.rmtree(entry, ignore_errors=True)
-        for side in (root / f".{key}{_USED}", root / f".{key}.lock"):
-            side.unlink(missing_ok=True)
+        (root / f".{key}{_USED}").unlink(missing_ok=True)
     return True
 
 
 def gc(max_size: int, root: str | os.PathLike | None = None) -> list[Entry]:
-    """Removes least recently used entries until the cache holds at most ``max_size`` bytes."""
+    """Removes least recently used entries until the cache holds at most ``max_size`` bytes, and
+    the temporary folders of conversions whose process died."""
+    from prebake.convert.output import remove_stale
+
+    root_path = Path(root) if root else cache_root()
+    for p in root_path.glob(".*.prebake-*-*") if root_path.exists() else []:
+        remove_stale(root_path / p.name[1:].split(".prebake-", 1)[0])
     removed, total = [], 0
     for e in entries(root):
         if total + e.bytes <= max_size:

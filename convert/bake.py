@@ -1,22 +1,66 @@
-"""``convert()``: one checkpoint in, one finished bake out (or nothing at all)."""
+"""``convert()``: one checkpoint in, one finished bake out (or nothing at all).
+
+:func:`prepare` is the front end every conversion shares, ``--dry-run`` included: it finds
+what ``src`` holds (one model, or a folder of components), reads every tensor's description,
+checks the variant specs and plans each bake, all before a byte is written.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import xxhash
-from prebake.cache.manifest import MANIFEST_NAME, AliasEntry, Manifest
 from prebake.convert import execute, output
 from prebake.convert.plan import BakePlan, Options, plan_bake
 from prebake.convert.sources import Source, component_folders, describe_source, open_source
-from prebake.convert.variants import SpecError, add_variants, parse_named
+from prebake.convert.variants import VariantSpec, add_variants, parse_named
+from prebake.formats import __version__
+from prebake.formats.errors import SpecError
+from prebake.formats.manifest import MANIFEST_NAME, AliasEntry, Manifest, hasher
 from prebake.formats.safetensors_writer import is_padding
 
-VERSION = "0.1.0"
 GGUF_METADATA = "gguf_metadata.json"  # every GGUF key-value pair, long arrays included
 SHORT_LIST = 64
+
+
+@dataclass
+class Prepared:
+    """What a conversion of ``src`` will write: its sources, their plans, the variants asked for.
+
+    ``sources``/``plans`` are keyed by component name, ``""`` for a single model.
+    """
+
+    src: Path
+    components: bool
+    sources: dict[str, Source]
+    plans: dict[str, BakePlan]
+    specs: list[tuple[str, VariantSpec]]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.total_bytes for p in self.plans.values())
+
+    def summary(self) -> dict:
+        """A JSON-ready description of every plan (what ``--dry-run`` prints)."""
+        plans = {name: plan.summary() for name, plan in self.plans.items()}
+        if not self.components:
+            return {"src": str(self.src), "bytes": self.total_bytes, **plans[""],
+                    "variants": [name for name, _ in self.specs]}
+        return {"src": str(self.src), "bytes": self.total_bytes, "components": plans}
+
+
+def prepare(src: str | os.PathLike, options: Options, variants: list[str] = ()) -> Prepared:
+    """Reads and plans the conversion of ``src``; writes nothing."""
+    src = Path(src)
+    specs = [parse_named(v) for v in variants]  # bad specs fail before any work
+    parts = component_folders(src)
+    if parts and specs:
+        raise SpecError("variants apply to one model; add them to a component's folder instead")
+    sources = {name: open_source(p) for name, p in parts.items()} if parts else {"": open_source(src)}
+    plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem) for name, s in sources.items()}
+    return Prepared(src, bool(parts), sources, plans, specs)
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | None = None, *,
@@ -36,30 +80,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
     """
     options = options or Options()
     out = Path(out)
-    specs = [parse_named(v) for v in variants]  # bad specs fail before any work
-    parts = component_folders(Path(src))
-    if parts and specs:
-        raise SpecError("variants apply to one model; add them to a component's folder instead")
-    sources = {name: open_source(p) for name, p in parts.items()} if parts else {"": open_source(src)}
-    plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem) for name, s in sources.items()}
-    update = progress(sum(p.total_bytes for p in plans.values())) if progress else (lambda n: None)
-    tmp = output.start(out, force, Path(src), sum(p.total_bytes for p in plans.values()))
-    try:
-        if parts:
-            manifest = _bake_components(Path(src), sources, plans, tmp, out, options, update)
-        else:
-            manifest = _bake_one(sources[""], plans[""], tmp, out, options, update, specs)
-        output.commit(tmp, out)
-    except BaseException:
-        output.abort(tmp)
-        raise
-    return manifest
+    job = prepare(src, options, variants)
+    update = progress(job.total_bytes) if progress else (lambda n: None)
+    with output.writing(out, force, job.src, job.total_bytes) as tmp:
+        if job.components:
+            return _bake_components(job, tmp, out, options, update)
+        return _bake_one(job.sources[""], job.plans[""], tmp, out, options, update, job.specs)
 
 
 def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options: Options, update,
               specs) -> Manifest:
     """Writes one model's bake (shards, files, variants, index, manifest) into ``folder``."""
-    shards, tensors, quantized = execute.write_shards(plan, folder, update)
+    shards, tensors = execute.write_shards(plan, folder, update)
     files = execute.copy_files(source.copy, folder)
     metadata = source.metadata
     if "gguf" in metadata:  # tokenizer arrays can hold 100k+ strings: keep them out of the manifest
@@ -69,12 +101,11 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
                                          if not isinstance(v, list) or len(v) <= SHORT_LIST}}
     manifest = Manifest(
         source=describe_source(source), options=options.manifest_record(), shards=shards, tensors=tensors,
-        quantized=quantized,
         aliases={a.name: AliasEntry(a.target, a.storage_offset, list(a.shape), list(a.strides))
                  for a in plan.aliases},
         padding=[s.name for sh in plan.shards for s in sh.slots if is_padding(s.name)],
         files=files, skipped=[{"name": s.name, "kind": s.kind} for s in source.skipped],
-        metadata=metadata, prebake_version=VERSION, created=_now(), root=root)
+        metadata=metadata, prebake_version=__version__, created=_now(), root=root)
     if plan.quant_kept:
         manifest.metadata["quant_kept"] = plan.quant_kept
     add_variants(manifest, folder, specs)
@@ -83,24 +114,25 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
     return manifest
 
 
-def _bake_components(src: Path, sources: dict[str, Source], plans: dict[str, BakePlan], folder: Path,
-                     root: Path, options: Options, update) -> Manifest:
+def _bake_components(job: Prepared, folder: Path, root: Path, options: Options, update) -> Manifest:
     """Bakes each component into its sub-folder; copies the rest; writes the top manifest."""
     components = {}
-    for name, source in sources.items():
+    for name, source in job.sources.items():
         (folder / name).mkdir()
-        m = _bake_one(source, plans[name], folder / name, root / name, options, update, [])
+        m = _bake_one(source, job.plans[name], folder / name, root / name, options, update, [])
         components[name] = {"path": name, "tensors": len(m.tensors), "bytes": m.total_bytes,
                             "format": m.source["format"], "fingerprint": m.source["fingerprint"]}
+    src = job.src
     files = execute.copy_files(sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
                                       and p.name != MANIFEST_NAME), folder)
-    for sub in sorted(p for p in src.iterdir() if p.is_dir() and p.name not in sources):
+    for sub in sorted(p for p in src.iterdir() if p.is_dir() and p.name not in job.sources):
         files += execute.copy_tree(sub, folder)
-    fingerprint = xxhash.xxh3_128("".join(c["fingerprint"] for c in components.values()).encode()).hexdigest()
+    h = hasher()
+    h.update("".join(c["fingerprint"] for c in components.values()).encode())
     manifest = Manifest(
-        source={"path": str(src.resolve()), "format": "components", "files": [], "fingerprint": fingerprint},
+        source={"path": str(src.resolve()), "format": "components", "files": [], "fingerprint": h.hexdigest()},
         options=options.manifest_record(), shards=[], tensors={}, files=files, components=components,
-        prebake_version=VERSION, created=_now(), root=root)
+        prebake_version=__version__, created=_now(), root=root)
     execute.write_json(folder / MANIFEST_NAME, manifest.to_json())
     return manifest
 
@@ -110,6 +142,7 @@ def _now() -> str:
 
 
 def hf_index(m: Manifest) -> dict:
-    """The Hugging Face ``model.safetensors.index.json`` for a bake (padding left out)."""
-    return {"metadata": {"total_size": m.total_bytes, "format": "pt"},
+    """The Hugging Face ``model.safetensors.index.json`` for a bake: every tensor in the main
+    shards (blocks kept beside float copies live in shards of their own, left out)."""
+    return {"metadata": {"total_size": sum(t.nbytes for t in m.tensors.values()), "format": "pt"},
             "weight_map": {name: m.shards[t.shard].file for name, t in m.tensors.items()}}

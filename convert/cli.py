@@ -1,4 +1,4 @@
-"""The ``prebake`` command line: ``convert``, ``inspect``, ``verify``.
+"""The ``prebake`` command line: the parser and ``main``; each command is in :mod:`prebake.convert.commands`.
 
 Every command takes ``--json`` for scripts. Errors are one line on stderr naming the file and
 the problem, with a non-zero exit; only a bug shows a traceback.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
-from pathlib import Path
+from contextlib import contextmanager
 
 from prebake.convert.quant_policy import RECIPES
 from prebake.formats.errors import PrebakeError
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="cast floating tensors (and dequantized GGUF tensors; default float16 for those)")
     q = c.add_argument_group("quantization (GGML block layouts, bit-identical to gguf-py / llama.cpp)")
-    q.add_argument("--quant", metavar="TYPE", choices=RECIPES,
+    q.add_argument("--quant", metavar="TYPE", choices=RECIPES, type=str.lower,
                    help=f"bake quantized blocks of the linear layers' weights: {', '.join(RECIPES)} "
                    "(q4_k_m: llama.cpp's mix of Q4_K and Q6_K)")
     q.add_argument("--keep-float", action="store_true", help="with --quant: keep the float tensors too")
@@ -137,18 +139,50 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns the exit status (0, 1 for bad input or output, 2 for bad
+    arguments, 128 + the signal's number when interrupted)."""
     args = build_parser().parse_args(argv)
+    from prebake.convert.commands import COMMANDS
+
     try:
-        result = COMMANDS[args.command](args)
+        with _signals_interrupt():
+            result = COMMANDS[args.command](args)
+            if args.json:
+                print(json.dumps(result, indent=1))
+            sys.stdout.flush()
     except PrebakeError as e:
         return _fail(args, str(e), e.exit_code)
-    except ValueError as e:
-        return _fail(args, str(e), 2)
+    except Interrupted as e:
+        return _fail(args, f"interrupted ({e.name}); nothing was written", 128 + e.signum)
     except KeyboardInterrupt:
         return _fail(args, "interrupted; nothing was written", 130)
-    if args.json:
-        print(json.dumps(result, indent=1))
+    except BrokenPipeError:  # `prebake inspect OUT | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so temporary files are removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+@contextmanager
+def _signals_interrupt():
+    """While a command runs, SIGTERM and SIGHUP (what ``kill``, ``timeout`` and job schedulers
+    send, and a closed terminal) interrupt it the way Ctrl-C does."""
+    def interrupt(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fail(args, message: str, code: int) -> int:
@@ -158,199 +192,6 @@ def _fail(args, message: str, code: int) -> int:
     return code
 
 
-def _progress(args, desc: str):
-    def factory(total: int):
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                   disable=True if args.quiet or args.json else None, file=sys.stderr, leave=False)
-        return bar.update
-    return factory
-
-
-def cmd_convert(args) -> dict:
-    from prebake.convert.bake import convert
-    from prebake.convert.plan import DTYPE_NAMES, Options
-
-    options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None,
-                      quant=args.quant, keep_float=args.keep_float, quant_embeddings=args.quant_embeddings,
-                      quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only), quant_pure=args.quant_pure,
-                      keep_quant=args.keep_quant)
-    if args.dry_run:
-        from prebake.convert.plan import plan_bake
-        from prebake.convert.sources import open_source
-
-        source = open_source(args.src)
-        summary = plan_bake(source.tensors, options, source.skipped).summary()
-        if not args.json:
-            print(json.dumps(summary, indent=1))
-        return summary
-    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"),
-                variants=args.variant)
-    result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "quantized": len(m.quantized),
-              "aliases": len(m.aliases),
-              "shards": len(m.shards), "bytes": m.total_bytes, "files": [f.path for f in m.files],
-              "skipped": m.skipped}
-    if m.components:
-        result["components"] = m.components
-        result["tensors"] = sum(c["tensors"] for c in m.components.values())
-        result["bytes"] = sum(c["bytes"] for c in m.components.values())
-        if not args.json:
-            print(f"baked {len(m.components)} components ({', '.join(m.components)}): {result['tensors']} "
-                  f"tensors ({_human(result['bytes'])}) at {args.out}")
-    elif not args.json:
-        print(f"baked {len(m.tensors)} tensors ({_human(m.total_bytes)}) into {len(m.shards)} shard(s) "
-              f"at {args.out}" + (f"; {len(m.aliases)} aliases" if m.aliases else "")
-              + (f"; {len(m.quantized)} quantized" if m.quantized else ""))
-        for name, why in m.metadata.get("quant_kept", {}).items():
-            print(f"  kept unquantized {name}: {why}")
-        for s in m.skipped:
-            print(f"  skipped non-tensor {s['name']} ({s['kind']})")
-    return result
-
-
-def cmd_inspect(args) -> dict:
-    from prebake.cache.manifest import read_manifest
-
-    m = read_manifest(args.out)
-    dtypes: dict[str, int] = {}
-    for t in m.tensors.values():
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
-    info = {"source": m.source["path"], "format": m.source["format"], "created": m.created,
-            "tensors": len(m.tensors), "bytes": m.total_bytes, "dtypes": dtypes,
-            "quantized": {q: sum(e.nbytes for e in m.quantized.values() if e.qtype == q)
-                          for q in sorted({e.qtype for e in m.quantized.values()})},
-            "shards": [{"file": s.file, "bytes": s.size} for s in m.shards],
-            "aliases": {k: a.target for k, a in m.aliases.items()}, "padding_entries": len(m.padding),
-            "files": [f.path for f in m.files], "skipped": m.skipped, "options": m.options,
-            "variants": {k: {"spec": v["spec"], "tensors": len(v["tensors"]), "bytes": v["bytes"]}
-                         for k, v in m.variants.items()},
-            "components": {k: {"path": c["path"], "tensors": c["tensors"], "bytes": c["bytes"]}
-                           for k, c in m.components.items()}}
-    if args.tensors:
-        info["tensor_list"] = {k: {"dtype": t.dtype, "shape": t.shape, "shard": t.shard, "offset": t.offset}
-                               for k, t in m.tensors.items()}
-    if not args.json:
-        print(f"{args.out}: {info['tensors']} tensors, {_human(info['bytes'])} from {info['source']} "
-              f"({info['format']}), made {info['created']}")
-        print("  dtypes: " + ", ".join(f"{k} {_human(v)}" for k, v in dtypes.items()))
-        if info["quantized"]:
-            print("  quantized: " + ", ".join(f"{k} {_human(v)}" for k, v in info["quantized"].items()))
-        for s in info["shards"]:
-            print(f"  {s['file']}  {_human(s['bytes'])}")
-        for k, v in info["aliases"].items():
-            print(f"  alias {k} -> {v}")
-        if info["files"]:
-            print("  files: " + ", ".join(info["files"]))
-        for k, c in info["components"].items():
-            print(f"  component {k}: {c['tensors']} tensors, {_human(c['bytes'])} in {c['path']}/")
-        for k, v in info["variants"].items():
-            print(f"  variant {k} ({v['spec']}): {v['tensors']} tensors, {_human(v['bytes'])}")
-        for k, t in info.get("tensor_list", {}).items():
-            print(f"  {k}  {t['dtype']} {t['shape']}  shard {t['shard']} @ {t['offset']}")
-    return info
-
-
-def cmd_variant(args) -> dict:
-    from prebake.convert.variants import add_variant_to_bake
-
-    record = add_variant_to_bake(args.out, args.spec)
-    name = args.spec.partition("=")[0]
-    if not args.json:
-        print(f"variant {name}: {len(record['tensors'])} tensors, {_human(record['bytes'])} "
-              f"(layers {record['layers'] or 'none'}" + (f", experts {record['experts']}" if record["experts"] else "")
-              + "); no tensor bytes copied")
-    return {"variant": name, **{k: v for k, v in record.items() if k != "tensors"},
-            "tensors": len(record["tensors"])}
-
-
-def cmd_pack(args) -> dict:
-    from prebake.convert.pack import pack
-
-    r = pack(args.out, args.archive, level=args.level, threads=args.threads, force=args.force,
-             progress=_progress(args, "pack"))
-    if not args.json:
-        print(f"packed {r.files} files ({_human(r.raw_bytes)}) into {args.archive}: {_human(r.archive_bytes)} "
-              f"({r.archive_bytes / max(r.raw_bytes, 1):.3f} of raw), {r.chunks} chunks")
-    return {"archive": str(r.archive), "files": r.files, "chunks": r.chunks, "raw_bytes": r.raw_bytes,
-            "archive_bytes": r.archive_bytes}
-
-
-def cmd_unpack(args) -> dict:
-    from prebake.convert.pack import unpack
-
-    out = unpack(args.archive, args.out, threads=args.threads, force=args.force, progress=_progress(args, "unpack"))
-    if not args.json:
-        print(f"unpacked {args.archive} into {out}")
-    return {"out": str(Path(out).resolve())}
-
-
-def cmd_warm(args) -> dict:
-    import time
-
-    from prebake.cache.manifest import read_manifest
-    from prebake.cache.prefetch import Prefetcher, shard_ranges
-
-    m = read_manifest(args.out)
-    ranges = [r for c in m.components.values() for r in shard_ranges(read_manifest(m.root / c["path"]))]
-    ranges += shard_ranges(m)
-    start = time.perf_counter()
-    p = Prefetcher(ranges)
-    p.join()
-    seconds = time.perf_counter() - start
-    if not args.json:
-        print(f"warmed {_human(p.done_bytes)} in {seconds:.2f} s ({p.done_bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
-    return {"bytes": p.done_bytes, "seconds": seconds}
-
-
-def cmd_cache(args) -> dict:
-    from prebake.cache import store
-
-    if args.action == "ls":
-        rows = store.entries()
-        if not args.json:
-            print(f"{store.cache_root()}: {len(rows)} bakes, {_human(sum(e.bytes for e in rows))}")
-            for e in rows:
-                print(f"  {e.key}  {_human(e.bytes):>10}  {e.source}")
-        return {"root": str(store.cache_root()), "entries": [
-            {"key": e.key, "path": str(e.path), "source": e.source, "bytes": e.bytes, "last_used": e.last_used}
-            for e in rows]}
-    if args.action == "rm":
-        keys = [e.key for e in store.entries()] if args.all else args.keys
-        removed = [k for k in keys if store.remove(k)]
-        missing = sorted(set(keys) - set(removed))
-        if missing:
-            raise ValueError(f"no cache entry {missing[0]!r} (see 'prebake cache ls')")
-        if not args.json:
-            print(f"removed {len(removed)} bake(s)")
-        return {"removed": removed}
-    removed = store.gc(args.max_size)
-    if not args.json:
-        print(f"removed {len(removed)} bake(s), {_human(sum(e.bytes for e in removed))}")
-    return {"removed": [e.key for e in removed], "bytes": sum(e.bytes for e in removed)}
-
-
-def cmd_verify(args) -> dict:
-    from prebake.cache.integrity import verify
-    from prebake.cache.manifest import read_manifest
-
-    m = read_manifest(args.out)
-    report = verify(m, _progress(args, "verify")(m.total_bytes))
-    if not args.json:
-        print(f"ok: {report.tensors} tensors ({_human(report.bytes)}) and {report.files} files match")
-    return {"ok": True, "tensors": report.tensors, "files": report.files, "bytes": report.bytes}
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
-
-
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
-            "warm": cmd_warm, "cache": cmd_cache, "pack": cmd_pack, "unpack": cmd_unpack}
 
 if __name__ == "__main__":
     sys.exit(main())

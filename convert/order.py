@@ -13,6 +13,8 @@ import re
 FIRST_NUMBER = _NUMBER = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 _EMBEDDING = re.compile(r"embed|wte\b|wpe\b|token_embd|word_embeddings|position_embeddings|^shared\.")
 _HEAD = re.compile(r"(^|\.)(lm_head|output|classifier|score|cls|qa_outputs)(\.|$)")
+# MoE routers pick the experts (their rows are the experts'): transformers' and GGUF's names
+_ROUTER = re.compile(r"(\.gate\.(weight|bias)|ffn_gate_inp\.weight|\.router(\.layer)?\.(weight|bias))$")
 
 
 def layer_of(name: str) -> tuple[str, tuple[int, ...]] | None:
@@ -52,6 +54,16 @@ def big_first_in_layers(names: list[str], nbytes: dict[str, int], big: int) -> l
             run.append(name)
         key = k
     return out
+
+
+def is_embedding(name: str) -> bool:
+    """Whether ``name`` is an input embedding (token, position) outside the numbered layers."""
+    return layer_of(name) is None and bool(_EMBEDDING.search(name))
+
+
+def is_router(name: str) -> bool:
+    """Whether ``name`` is a MoE router (gate) weight or bias."""
+    return bool(_ROUTER.search(name))
 
 
 def is_head(name: str) -> bool:

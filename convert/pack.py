@@ -14,17 +14,14 @@ archive is written under a temporary name, the bake into a temporary folder
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from prebake.cache.manifest import read_manifest
 from prebake.convert import output
 from prebake.formats.archive import (
     CHUNK_SIZE,
@@ -43,6 +40,7 @@ from prebake.formats.archive import (
     scratch,
 )
 from prebake.formats.errors import FormatError, OutputError, VerifyError
+from prebake.formats.manifest import read_component, read_manifest
 
 Progress = Callable[[int], Callable[[int], None]]
 SMALL = 64 << 10  # typed spans below this are packed as plain bytes
@@ -65,19 +63,28 @@ class PackReport:
 def plan_archive(bake: str | os.PathLike) -> ArchiveIndex:
     """The archive's index for the bake folder ``bake``, without sizes or checksums yet."""
     bake = Path(bake)
-    m = read_manifest(bake)
     spans: dict[str, list[tuple[int, int, str]]] = {}
-    for t in m.tensors.values():
-        if t.dtype in DTYPE_LAYOUTS:
-            spans.setdefault(m.shards[t.shard].file, []).append((t.offset, t.nbytes, DTYPE_LAYOUTS[t.dtype]))
-    for s in m.shards:
-        size = _size(bake / s.file)
-        if size != s.size:
-            raise VerifyError(f"shard is {size} bytes, the manifest says {s.size}: the bake is damaged; "
-                              "run 'prebake verify' or convert again", bake / s.file)
+    for prefix, m in _manifests(bake):
+        for s in m.shards:
+            size = _size(m.root / s.file)
+            if size != s.size:
+                raise VerifyError(f"shard is {size} bytes, the manifest says {s.size}: the bake is damaged; "
+                                  "run 'prebake verify' or convert again", m.root / s.file)
+        for _, b in m.blobs():
+            if b.dtype in DTYPE_LAYOUTS:
+                file = prefix + m.shards[b.shard].file
+                spans.setdefault(file, []).append((b.offset, b.nbytes, DTYPE_LAYOUTS[b.dtype]))
     files = [ArchiveFile(p, _size(bake / p)) for p in _bake_files(bake)]
     chunks = [c for i, f in enumerate(files) for c in plan_file(i, f.size, spans.get(f.path, []))]
     return ArchiveIndex(files, chunks)
+
+
+def _manifests(bake: Path) -> Iterator[tuple[str, object]]:
+    """The bake's manifest, then each component's, with the path prefix of its files."""
+    m = read_manifest(bake)
+    yield "", m
+    for name, c in m.components.items():
+        yield c["path"] + "/", read_component(m, name)
 
 
 def plan_file(file: int, size: int, spans: list[tuple[int, int, str]],
@@ -126,7 +133,14 @@ def _cut(file: int, off: int, n: int, name: str, chunk_size: int) -> list[Chunk]
 
 
 def _bake_files(bake: Path) -> list[str]:
-    return sorted(p.relative_to(bake).as_posix() for p in bake.rglob("*") if p.is_file())
+    """Every file in the bake folder; a symbolic link is refused (it could point anywhere)."""
+    out = []
+    for p in bake.rglob("*"):
+        if p.is_symlink():
+            raise FormatError("is a symbolic link; a bake holds plain files only", p)
+        if p.is_file():
+            out.append(p.relative_to(bake).as_posix())
+    return sorted(out)
 
 
 def _size(path: Path) -> int:
@@ -148,17 +162,11 @@ def pack(bake_dir: str | os.PathLike, archive_path: str | os.PathLike, *, level:
     bake, archive = Path(bake_dir), Path(archive_path)
     index = plan_archive(bake)
     update = progress(index.raw_bytes) if progress else _ignore
-    tmp = _start_archive(archive, force)
-    try:
-        with _guard(archive), open(tmp, "wb") as out:
-            _write_archive(bake, index, out, level, threads or _cores(), update)
-            out.flush()
-            os.fsync(out.fileno())
-        with _guard(archive):
-            os.replace(tmp, archive)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _check_archive_target(archive, force)
+    with output.writing_file(archive) as tmp, output.guard(archive), open(tmp, "wb") as out:
+        _write_archive(bake, index, out, level, threads or _cores(), update)
+        out.flush()
+        os.fsync(out.fileno())
     return PackReport(archive, len(index.files), len(index.chunks), index.raw_bytes, index.size)
 
 
@@ -212,19 +220,15 @@ def _open_input(path: Path) -> int:
         raise FormatError(f"cannot read ({e.strerror})", path) from None
 
 
-def _start_archive(archive: Path, force: bool) -> Path:
-    """Checks ``archive`` may be replaced; returns the temporary name to write it under."""
+def _check_archive_target(archive: Path, force: bool) -> None:
+    """Refuses to replace a folder, or a file that is not an archive (unless ``force``)."""
     if archive.is_dir():
         raise OutputError("is a folder; choose a file name for the archive", archive)
     if archive.exists() and not force:
-        with _guard(archive), open(archive, "rb") as f:
+        with output.guard(archive), open(archive, "rb") as f:
             if f.read(len(MAGIC)) != MAGIC:
                 raise OutputError("exists and is not a prebake archive; choose another name or pass "
                                   "--force to replace it", archive)
-    with _guard(archive):
-        archive.parent.mkdir(parents=True, exist_ok=True)
-    output.remove_stale(archive)  # a killed pack's leftover
-    return archive.with_name(f".{archive.name}.prebake-tmp-{os.getpid()}")
 
 
 def unpack(archive_path: str | os.PathLike, out_dir: str | os.PathLike, *, threads: int | None = None,
@@ -255,24 +259,21 @@ def unpack_from(reader, out_dir: str | os.PathLike, *, threads: int | None = Non
         raise index.truncated(size)
     out = Path(out_dir)
     update = progress(index.raw_bytes) if progress else _ignore
-    tmp = output.start(out, force)
-    try:
+    with output.writing(out, force) as tmp:
         fds = _create_files(tmp, index)
         try:
             _extract(reader, index, fds, tmp, threads or _cores(), update)
             if reader.read(1):
                 raise FormatError(f"archive has data after its last chunk (byte {index.size} on); "
                                   "it is damaged or not what its index says", name)
-            with _guard(tmp):
+            with output.guard(tmp):
                 for fd in fds:
                     os.fsync(fd)
         finally:
             for fd in fds:
                 os.close(fd)
-        output.commit(tmp, out)
-    except BaseException:
-        output.abort(tmp)
-        raise
+        for _ in _manifests(tmp):  # the unpacked manifest is input too: checked before it is kept
+            pass
     return out
 
 
@@ -282,7 +283,7 @@ def _create_files(tmp: Path, index: ArchiveIndex) -> list[int]:
     try:
         for f in index.files:
             path = tmp / f.path
-            with _guard(path):
+            with output.guard(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
                 os.ftruncate(fds[-1], f.size)
@@ -306,7 +307,7 @@ def _extract(reader, index: ArchiveIndex, fds: list[int], tmp: Path, threads: in
             raw = memoryview(decode_chunk(index, i, data))
         finally:
             free.put(buf)
-        with _guard(tmp / index.files[c.file].path):
+        with output.guard(tmp / index.files[c.file].path):
             done = 0
             while done < c.length:
                 done += os.pwrite(fds[c.file], raw[done:], c.offset + done)
@@ -346,16 +347,6 @@ def ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int
     finally:
         for f in pending:
             f.cancel()
-
-
-@contextmanager
-def _guard(path) -> Iterator[None]:
-    """Turns an OSError while writing ``path`` into an :class:`OutputError` (disk full named)."""
-    try:
-        yield
-    except OSError as e:
-        why = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "cannot write"
-        raise OutputError(f"{why} ({e.strerror})", path) from None
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:

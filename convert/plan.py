@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from prebake.convert.order import big_first_in_layers, execution_order
 from prebake.convert.quant_policy import SINGLE, QuantPolicy, choose
-from prebake.formats.errors import FormatError
+from prebake.formats.errors import FormatError, UsageError
 from prebake.formats.ggml_types import blocks_shape
-from prebake.formats.safetensors_writer import BIG_TENSOR, Slot, header_bytes, place
+from prebake.formats.safetensors_writer import BIG_TENSOR, PAD_PREFIX, Slot, header_bytes, place
 from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo, numel
 
 GIB = 1 << 30
@@ -38,14 +38,19 @@ class Options:
 
     def __post_init__(self):
         if self.align < 8 or self.align & (self.align - 1):
-            raise ValueError(f"--align must be a power of two >= 8, not {self.align}")
+            raise UsageError(f"--align must be a power of two >= 8, not {self.align}")
         if self.shard_size < 1:
-            raise ValueError("--shard-size must be positive")
+            raise UsageError("--shard-size must be positive")
         if self.quant:
+            object.__setattr__(self, "quant", self.quant.lower())  # Q8_0 and q8_0 name one type
             QuantPolicy(self.quant)  # validates the recipe
         if self.quant_pure and self.quant not in SINGLE:
-            raise ValueError("--quant-pure needs --quant with a single type (q8_0, q4_0, ..., q6_k), not "
+            raise UsageError("--quant-pure needs --quant with a single type (q8_0, q4_0, ..., q6_k), not "
                              f"{self.quant or 'none'}")
+        if self.keep_quant and self.quant:
+            raise UsageError("--keep-quant keeps a GGUF's own blocks; --quant makes new ones: choose one")
+        if self.keep_float and not self.quant:
+            raise UsageError("--keep-float keeps float copies beside quantized blocks: it needs --quant")
 
     @property
     def policy(self) -> QuantPolicy | None:
@@ -70,24 +75,30 @@ class Planned:
     """A tensor to write: where its bytes come from and how they are transformed.
 
     ``transform`` is "copy", "cast", "dequantize" (GGML blocks to ``dtype``), "quantize" (to the
-    GGML blocks of ``qtype``) or "blocks" (GGML blocks kept as they are). Blocks are stored as
-    ``U8`` of shape (rows, bytes per row).
+    GGML blocks of ``qtype``) or "blocks" (GGML blocks kept as they are). ``dtype`` is the
+    logical dtype (what blocks unpack to); blocks are stored as ``U8`` of shape
+    (rows, bytes per row). ``packed`` marks the blocks kept beside a float copy (``--keep-float``).
     """
 
     name: str
     source: TensorInfo = field(repr=False)
-    dtype: str  # as stored in the bake
+    dtype: str
     transform: str
     qtype: str | None = None
-    logical: str | None = None  # blocks: the dtype the tensor unpacks to
+    packed: bool = False
+
+    @property
+    def stored_dtype(self) -> str:
+        return "U8" if self.qtype else self.dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape as stored: the logical shape, or (rows, bytes per row) of blocks."""
         return self.source.shape if self.qtype is None else blocks_shape(self.qtype, self.source.shape)
 
     @property
     def nbytes(self) -> int:
-        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+        return numel(self.shape) * DTYPE_SIZES[self.stored_dtype]
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class BakePlan:
     aliases: list[Alias]
     skipped: list[SkippedLeaf]
     options: Options
+    order: list[str] = field(default_factory=list)  # stored tensors in execution order
     quant_kept: dict[str, str] = field(default_factory=dict)  # eligible tensors left unquantized, and why
 
     @property
@@ -136,7 +148,8 @@ class BakePlan:
                         "padding": sum(x.is_padding for x in s.slots)} for s in self.shards],
             "aliases": {a.name: a.target for a in self.aliases},
             "transforms": {p.name: f"{p.source.qtype or p.source.dtype}->{p.qtype or p.dtype}" for s in self.shards
-                           for p in s.tensors.values() if p.transform != "copy"},
+                           for p in s.tensors.values() if p.transform != "copy" and not p.packed},
+            "packed_copies": sorted(p.name for s in self.shards for p in s.tensors.values() if p.packed),
             "quant_kept": self.quant_kept,
         }
 
@@ -145,8 +158,9 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
               stem: str = "model") -> BakePlan:
     """Plans a bake of ``tensors`` (from every source file, in file order) into ``stem*.safetensors``.
 
-    Quantized blocks go to shards of their own, ``stem-RECIPE*.safetensors``, so the float
-    shards and their Hugging Face index stay what stock loaders expect.
+    Every tensor is stored once, in execution order, in one form: its items, cast, or GGML
+    blocks. Only the blocks kept beside float copies (``--keep-float``) go to shards of their
+    own, ``stem-RECIPE*.safetensors``, so the float shards stay a plain Hugging Face checkpoint.
     """
     by_name = _unique(tensors)
     order = big_first_in_layers(execution_order(list(by_name)), {n: t.nbytes for n, t in by_name.items()},
@@ -154,23 +168,24 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
     stored, aliases = find_aliases([by_name[n] for n in order])
     chosen, kept = choose(options.policy, stored) if options.policy else ({}, {})
     targets = {a.target for a in aliases}  # aliases view float bytes: their targets keep them
-    floats, blocks = [], []
+    main, packed = [], []
     for t in stored:
         logical = t.dtype if t.qtype is None else options.dtype or "F16"
         if options.keep_quant and t.qtype is not None:
-            blocks.append(Planned(t.name, t, "U8", "blocks", t.qtype, logical))
-            continue
-        if t.name in chosen:
-            blocks.append(Planned(t.name, t, "U8", "quantize", chosen[t.name], logical))
-            if not (options.keep_float or t.name in targets):
-                continue
-        floats.append(_planned(t, options))
-    shards = _shard(floats, options, stem, 0)
-    if blocks:
-        shards += _shard(blocks, options, f"{stem}-{options.quant or 'gguf'}", len(shards))
-    plan = BakePlan(shards, aliases, list(skipped), options)
-    plan.quant_kept = kept
-    return plan
+            main.append(Planned(t.name, t, logical, "blocks", t.qtype))
+        elif t.name in chosen and not (options.keep_float or t.name in targets):
+            main.append(Planned(t.name, t, logical, "quantize", chosen[t.name]))
+        else:
+            main.append(_planned(t, options))
+            if t.name in chosen:
+                packed.append(Planned(t.name, t, logical, "quantize", chosen[t.name], packed=True))
+    shards = _shard(main, options, stem, 0)
+    if packed:
+        shards += _shard(packed, options, f"{stem}-{options.quant}", len(shards))
+    return BakePlan(shards, aliases, list(skipped), options, [p.name for p in main], kept)
+
+
+RESERVED = PAD_PREFIX  # names prebake gives its own entries; a source may not use them
 
 
 def _unique(tensors: list[TensorInfo]) -> dict[str, TensorInfo]:
@@ -178,6 +193,9 @@ def _unique(tensors: list[TensorInfo]) -> dict[str, TensorInfo]:
     for t in tensors:
         if t.name in by_name:
             raise FormatError(f"tensor {t.name!r} appears in both {by_name[t.name].path} and {t.path}")
+        if t.name.startswith(RESERVED):
+            raise FormatError(f"tensor {t.name!r} has a name prebake reserves for its own padding entries "
+                              f"({RESERVED}*); rename it in the checkpoint", t.path)
         by_name[t.name] = t
     return by_name
 
@@ -236,7 +254,7 @@ def _shard(planned: list[Planned], options: Options, stem: str, first: int) -> l
     shards = []
     for i, group in enumerate(groups):
         file = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
-        items = [(p.name, p.dtype, p.shape, p.nbytes, DTYPE_SIZES[p.dtype]) for p in group]
+        items = [(p.name, p.stored_dtype, p.shape, p.nbytes, DTYPE_SIZES[p.stored_dtype]) for p in group]
         slots = place(items, options.align, first + i)
         shard = ShardPlan(file, slots, {p.name: p for p in group})
         shard.header = header_bytes(slots, {"format": "pt"}, options.align)

@@ -22,25 +22,18 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
-from prebake.convert.order import is_head, layer_of
-from prebake.formats.errors import PrebakeError
+from prebake.convert.order import is_embedding, is_head, is_router, layer_of
+from prebake.formats.errors import QuantError
+from prebake.formats.ggml_types import QUANT_SIZES
 from prebake.formats.tensor import FLOAT_DTYPES, TensorInfo
 
 SINGLE = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
           "q4_k": "Q4_K", "q6_k": "Q6_K"}
 RECIPES = (*SINGLE, "q4_k_m")
-BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q6_K": 256}
 FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 MIN_ELEMENTS = 4096  # smaller matrices are not worth a codec
-_EMBEDDING = re.compile(r"embed|wte\b|wpe\b|token_embd|word_embeddings|position_embeddings|^shared\.")
-# MoE routers pick the experts: llama.cpp keeps them unquantized (ffn_gate_inp), and so do we
-_ROUTER = re.compile(r"(\.gate\.weight|ffn_gate_inp\.weight|\.router(\.layer)?\.weight)$")
 _ATTN_V = re.compile(r"(v_proj|attn_v|\.value)\.weight$")
 _FFN_DOWN = re.compile(r"(down_proj|ffn_down|\.w2|fc2|dense_4h_to_h)\.weight$")
-
-
-class QuantError(PrebakeError, ValueError):
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -65,14 +58,18 @@ def choose(policy: QuantPolicy, tensors: list[TensorInfo]) -> tuple[dict[str, st
             continue
         qtype = _type_for(policy, t.name, n_layers)
         row = t.shape[-1]
-        if row % BLOCK[qtype]:
+        if row % _block(qtype):
             fallback = FALLBACK.get(qtype)
-            if fallback is None or row % BLOCK[fallback]:
-                kept[t.name] = f"row of {row} is not a multiple of the {qtype} block ({BLOCK[qtype]})"
+            if fallback is None or row % _block(fallback):
+                kept[t.name] = f"row of {row} is not a multiple of the {qtype} block ({_block(qtype)})"
                 continue
             qtype = fallback
         chosen[t.name] = qtype
     return chosen, kept
+
+
+def _block(qtype: str) -> int:
+    return QUANT_SIZES[qtype][0]
 
 
 def _eligible(policy: QuantPolicy, t: TensorInfo) -> bool:
@@ -82,9 +79,9 @@ def _eligible(policy: QuantPolicy, t: TensorInfo) -> bool:
     if policy.only:
         return any(fnmatch.fnmatchcase(t.name, g) for g in policy.only) and \
             not any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip)
-    if any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip) or _ROUTER.search(t.name):
+    if any(fnmatch.fnmatchcase(t.name, g) for g in policy.skip) or is_router(t.name):  # llama.cpp keeps routers unquantized too
         return False
-    if _EMBEDDING.search(t.name) and layer_of(t.name) is None:
+    if is_embedding(t.name):
         return policy.embeddings
     return t.name.endswith(".weight") or t.name.endswith("_proj")
 

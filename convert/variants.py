@@ -21,14 +21,8 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from prebake.convert.order import FIRST_NUMBER, is_head, layer_of
-from prebake.formats.errors import PrebakeError
-
-
-class SpecError(PrebakeError, ValueError):
-    """A variant SPEC that does not parse or selects nothing."""
-
-    exit_code = 2
+from prebake.convert.order import FIRST_NUMBER, is_head, is_router, layer_of
+from prebake.formats.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -106,7 +100,6 @@ def parse_named(text: str) -> tuple[str, VariantSpec]:
 
 _EXPERT = re.compile(r"\.experts\.(\d+)(?=\.)")
 _STACKED_EXPERTS = re.compile(r"(_exps\.(weight|bias)$|\.experts\.[a-z_]+$)")
-_ROUTER = re.compile(r"(\.gate\.(weight|bias)|ffn_gate_inp\.weight|\.router(\.layer)?\.(weight|bias))$")
 LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_decoder_layers",
               "num_encoder_layers", "num_single_layers", "encoder_layers", "decoder_layers")
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -133,7 +126,7 @@ def plan_variant(name: str, spec: VariantSpec, shapes: dict[str, list[int]], con
         if new is None or (not spec.head and is_head(n)) or not _globs_allow(n, spec):
             continue
         entry: dict = {"source": n}
-        if keep is not None and shape and shape[0] == experts and (_ROUTER.search(n) or _STACKED_EXPERTS.search(n)):
+        if keep is not None and shape and shape[0] == experts and (is_router(n) or _STACKED_EXPERTS.search(n)):
             entry["rows"] = list(keep)
         tensors[new] = entry
     if not tensors:
@@ -245,7 +238,7 @@ def add_variants(manifest, folder, specs: list[tuple[str, VariantSpec]]) -> None
     from prebake.convert.execute import write_json
 
     folder = Path(folder)
-    shapes = {n: t.shape for n, t in manifest.tensors.items()}
+    shapes = {n: t.shape for n, t in manifest.tensors.items()}  # every tensor, whatever form its bytes take
     shapes.update({n: a.shape for n, a in manifest.aliases.items()})
     nbytes = {n: t.nbytes for n, t in manifest.tensors.items()}
     nbytes.update({n: manifest.tensors[a.target].nbytes for n, a in manifest.aliases.items()})
@@ -288,8 +281,8 @@ class _GGUFConfig(dict):
 
 def add_variant_to_bake(out, text: str) -> dict:
     """``prebake variant add OUT NAME=SPEC``: a new variant on an existing bake (manifest rewritten atomically)."""
-    from prebake.cache.manifest import MANIFEST_NAME, read_manifest
     from prebake.convert.execute import write_json
+    from prebake.formats.manifest import MANIFEST_NAME, read_manifest
 
     name, spec = parse_named(text)
     m = read_manifest(out)

@@ -64,3 +64,7 @@ class SpecError(UsageError):
 
 class NotInBakeError(PrebakeError, KeyError):
     """A tensor, variant or component asked for by name is not in the bake."""
+
+
+class FitError(UsageError):
+    """A bake's tensors and a module's parameters do not match (``load_module``)."""

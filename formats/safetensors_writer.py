@@ -109,13 +109,18 @@ class ShardWriter:
         self.write(bytes(n))
 
     def close(self, sync: bool = True) -> None:
+        """Checks the size and flushes the file to disk; the descriptor is closed either way."""
+        fd, self.fd = self.fd, -1
         try:
             if self.pos != self.expected:
                 raise RuntimeError(f"{self.path}: wrote {self.pos} bytes, header promised {self.expected}")
             if sync:
-                os.fsync(self.fd)
+                os.fsync(fd)
         finally:
-            os.close(self.fd)
+            os.close(fd)
 
     def abort(self) -> None:
-        os.close(self.fd)
+        """Closes the descriptor if :meth:`close` has not (closing a number twice could close another file)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)

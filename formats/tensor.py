@@ -1,4 +1,4 @@
-"""The description every reader yields for a tensor, and the dtype table they share."""
+"""The description every reader yields for a tensor (dtype codes and sizes: :mod:`prebake.formats.dtypes`)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from prebake.formats.dtypes import DTYPE_SIZES, FLOAT_DTYPES, numel
 
-# safetensors dtype code -> bytes per element. The codes are the ones the safetensors format
-# defines; everything prebake stores uses them.
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "C64": 8,
-}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
+__all__ = ["DTYPE_SIZES", "FLOAT_DTYPES", "numel", "numpy_dtype", "raw_view", "SkippedLeaf", "SourceFile",
+           "StorageRef", "TensorInfo"]
 
 
 def numpy_dtype(code: str) -> np.dtype:
@@ -27,13 +22,6 @@ def numpy_dtype(code: str) -> np.dtype:
     return np.dtype({"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
                      "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
                      "U8": "u1", "BOOL": "?", "C64": "<c8"}[code])
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from prebake.cache.load import TORCH_DTYPES, load_from_manifest
-from prebake.cache.manifest import read_manifest
+from prebake.formats.manifest import read_manifest
 from prebake.formats.safetensors_writer import BIG_TENSOR, is_padding
 
 warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

@@ -91,7 +91,7 @@ def test_plan_archive_types_every_float_tensor(packed):
     index = plan_archive(bake)
     assert [f.path for f in index.files] == sorted(f.path for f in index.files)
     assert {"config.json", "manifest.json", "model.safetensors"} <= {f.path for f in index.files}
-    from prebake.cache.manifest import read_manifest
+    from prebake.formats.manifest import read_manifest
 
     m = read_manifest(bake)
     shard = [f.path for f in index.files].index(m.shards[0].file)
@@ -133,7 +133,7 @@ def test_round_trip_is_byte_identical(packed, tmp):
 
 def test_sharded_bake_round_trip(tmp):
     bake = make_bake(tmp, shard_size=3 * MIB)
-    from prebake.cache.manifest import read_manifest
+    from prebake.formats.manifest import read_manifest
 
     assert len(read_manifest(bake).shards) >= 3
     (bake / "empty.txt").write_bytes(b"")  # every file goes in, even those the manifest does not know

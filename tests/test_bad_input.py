@@ -26,7 +26,6 @@ import pytest
 import torch
 from prebake.cache.integrity import verify
 from prebake.cache.load import load_from_manifest
-from prebake.cache.manifest import read_manifest
 from prebake.convert.bake import convert
 from prebake.convert.cli import main
 from prebake.convert.plan import Options
@@ -38,6 +37,7 @@ from prebake.formats.errors import (
     UnsafePickleError,
     VerifyError,
 )
+from prebake.formats.manifest import read_manifest
 from safetensors.torch import save_file
 
 from tests.conftest import check_bake
@@ -459,7 +459,7 @@ def test_disk_full_while_writing(tmp_path, monkeypatch, room):
     out = tmp_path / "out"
     seen = manifests(tmp_path)
     monkeypatch.setattr(safetensors_writer, "os", FullDisk(room))
-    with pytest.raises(OutputError, match="disk full") as info:
+    with pytest.raises(OutputError, match="no space left") as info:
         convert(src, out)
     assert out.name in str(info.value)
     assert_left_as_it_was(out, None, seen)
@@ -480,7 +480,7 @@ def test_disk_full_from_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(safetensors_writer, "os", FullDisk(5000))
     assert main(["convert", str(src), str(out)]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("prebake: error:") and "disk full" in err[0]
+    assert len(err) == 1 and err[0].startswith("prebake: error:") and "no space left" in err[0]
     assert_left_as_it_was(out, None, set())
 
 
@@ -516,7 +516,7 @@ def test_disk_really_full(tmp_path, tiny_tmpfs):
     assert os.listdir(tiny_tmpfs) == []
     # fits the free space, but not with the header, index and manifest: fills up while writing
     src = save_torch(tmp_path / "fits.bin", {"w": torch.zeros(250 * 256)})  # 250 KiB
-    with pytest.raises(OutputError, match="disk full"):
+    with pytest.raises(OutputError, match="no space left"):
         convert(src, out)
     assert os.listdir(tiny_tmpfs) == []
 
@@ -574,11 +574,11 @@ def test_stale_temp_folder_of_a_killed_run_is_removed(tmp_path):
 
 
 def test_interrupted_cli_says_nothing_was_written(tmp_path, monkeypatch, capsys):
-    import prebake.convert.cli as cli_module
+    import prebake.convert.commands as commands_module
 
     src = save_torch(tmp_path / "model.bin", many_tensors())
     out = tmp_path / "out"
-    monkeypatch.setattr(cli_module, "_progress", lambda args, desc: interrupt_half_way)
+    monkeypatch.setattr(commands_module, "_progress", lambda args, desc: interrupt_half_way)
     assert main(["convert", str(src), str(out)]) == 130
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "interrupted" in err[0]

@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 from prebake.cache import load_from_manifest, verify
-from prebake.cache.manifest import read_manifest
-from prebake.cache.prefetch import Prefetcher, shard_ranges
+from prebake.cache.prefetch import Prefetcher, bake_ranges, coalesce
 from prebake.cache.store import _ensure, entries, gc, remove
+from prebake.formats.manifest import read_manifest
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_prefetch_reads_the_bake_into_the_page_cache(bake):
 def test_prefetch_stops_when_the_tensors_are_gone(bake):
     m = read_manifest(bake)
     owner = torch.empty(1)
-    p = Prefetcher(shard_ranges(m) * 200, owners=[owner], block=4096)
+    p = Prefetcher(bake_ranges(m) * 200, owners=[owner], block=4096)
     del owner
     pygc.collect()
     assert p.join(30)
@@ -208,8 +208,8 @@ def test_prefetch_stops_when_the_tensors_are_gone(bake):
 
 def test_prefetch_covers_only_the_wanted_tensors(bake):
     m = read_manifest(bake)
-    ranges = shard_ranges(m, ["layers.3.w"])
     t = m.tensors["layers.3.w"]
+    ranges = coalesce([(t.shard, t.offset, t.nbytes)], m.shard_path)
     assert ranges == [(m.shard_path(t.shard), t.offset, t.offset + t.nbytes)]
     p = Prefetcher(ranges)
     assert p.join(30) and p.done_bytes == t.nbytes

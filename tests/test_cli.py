@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from prebake.cache.manifest import read_manifest
 from prebake.convert.cli import main
+from prebake.formats.manifest import read_manifest
 from safetensors.torch import save_file
 
 from tests.conftest import check_bake

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 from prebake.cache import load_components, load_from_manifest, verify
-from prebake.cache.manifest import read_manifest
 from prebake.convert.bake import convert
+from prebake.formats.manifest import read_manifest
 from safetensors.torch import save_file
 
 from tests.conftest import check_bake
@@ -105,3 +105,15 @@ def test_inspect_lists_components(pipeline):
     info = json.loads(res.stdout)
     assert set(info["components"]) == {"text_encoder", "vae", "transformer"}
     assert info["components"]["transformer"]["bytes"] == 4 * 64 * 64 * 4
+
+
+def test_dry_run_plans_every_component(pipeline, capsys):
+    from prebake.convert.cli import main
+
+    src, out, expected = pipeline
+    assert main(["convert", str(src), str(out.parent / "never"), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan["components"]) == set(expected)
+    for name, tensors in expected.items():
+        assert sum(s["tensors"] for s in plan["components"][name]["shards"]) == len(tensors)
+    assert not (out.parent / "never").exists()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from prebake.cache.manifest import read_manifest
 from prebake.convert.bake import GGUF_METADATA, SHORT_LIST, convert
 from prebake.convert.plan import Options
+from prebake.formats.manifest import read_manifest
 
 from tests.conftest import check_bake
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 import transformers
 from prebake.cache.load import load_from_manifest
-from prebake.cache.manifest import read_manifest
 from prebake.cache.module import load_module
 from prebake.convert.bake import convert
 from prebake.convert.plan import Options
+from prebake.formats.manifest import read_manifest
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from prebake.cache import load_from_manifest, load_module, verify
-from prebake.cache.manifest import read_manifest
 from prebake.cache.packed import DEQUANTIZERS, PackedTensor
 from prebake.cache.qlinear import QuantLinear, dequantize_all
 from prebake.convert.bake import convert
 from prebake.convert.plan import Options
 from prebake.convert.quant_policy import QuantPolicy, choose, use_more_bits
+from prebake.formats.manifest import read_manifest
 from prebake.formats.quants import quantize
 from prebake.formats.tensor import TensorInfo
 
@@ -197,7 +197,9 @@ def test_quantized_llama_logits(llama, recipe):
     out = tmp / recipe
     m = convert(tmp / "src", out, Options(quant=recipe))
     verify(out)
-    assert m.quantized and all(n not in m.tensors for n in m.quantized)  # blocks only: floats dropped
+    blocks = [t for t in m.tensors.values() if t.qtype]
+    assert blocks and not any(t.packed for t in m.tensors.values())  # blocks only: floats dropped
+    assert len(m.shards) == 1  # blocks sit in execution order among the floats
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() == m.tensors.keys()
     cos = _logits_cosine(model, out)
     print(f"{recipe}: cosine {cos:.5f}")
@@ -224,14 +226,16 @@ def test_baked_blocks_are_the_codec_blocks(llama):
     floats = load_from_manifest(tmp / "blocks")  # auto: floats where the bake has them
     assert all(isinstance(v, torch.Tensor) for v in floats.values())
     sd = model.state_dict()
-    for name, q in m.quantized.items():
+    quantized = {n: t.packed for n, t in m.tensors.items() if t.packed}
+    assert quantized and not any(t.qtype for t in m.tensors.values())
+    for name, q in quantized.items():
         p = packed[name]
         assert isinstance(p, PackedTensor) and p.qtype == q.qtype
         assert np.array_equal(p.blocks.numpy(), quantize(sd[name].numpy(), q.qtype))
         assert p.blocks.untyped_storage().nbytes() == m.shards[q.shard].size  # a view of the map
     only_q6 = load_from_manifest(tmp / "blocks", quant="q6_k")
     assert {n for n, v in only_q6.items() if isinstance(v, PackedTensor)} == \
-        {n for n, q in m.quantized.items() if q.qtype == "Q6_K"}
+        {n for n, q in quantized.items() if q.qtype == "Q6_K"}
     with pytest.raises(KeyError, match="no 'q8_0' blocks"):
         load_from_manifest(tmp / "blocks", quant="q8_0")
 
@@ -261,7 +265,7 @@ def test_gguf_blocks_kept_as_they_are(tmp):
     w.write_tensors_to_file()
     w.close()
     m = convert(tmp / "m.gguf", tmp / "out", Options(keep_quant=True))
-    assert set(m.quantized) == {f"blk.0.{q.lower()}.weight" for q in blocks}
+    assert {n for n, t in m.tensors.items() if t.qtype} == {f"blk.0.{q.lower()}.weight" for q in blocks}
     sd = load_from_manifest(tmp / "out")
     for q, b in blocks.items():
         p = sd[f"blk.0.{q.lower()}.weight"]
@@ -320,8 +324,8 @@ def test_packed_linear_stays_near_the_packed_size(llama8, recipe):
     convert(tmp / "src", tmp / recipe, Options(quant=recipe))
     grown = _memory_of_one_forward(tmp / "src", tmp / recipe)["total"]
     m = read_manifest(tmp / recipe)
-    packed = sum(q.nbytes for q in m.quantized.values())
-    floats = sum(t.nbytes for t in m.tensors.values())  # embeddings (tied head) and norms
+    packed = sum(t.nbytes for t in m.tensors.values() if t.qtype)
+    floats = sum(t.nbytes for t in m.tensors.values() if not t.qtype)  # embeddings (tied head) and norms
     assert grown <= 1.3 * (packed + floats) + activations, (grown, packed, floats, activations)
     assert grown < 0.5 * sum(t.nbytes for t in read_manifest(tmp / "float").tensors.values())
 
@@ -337,8 +341,8 @@ def test_gguf_blocks_requantized_on_request(tmp):
     w.write_tensors_to_file()
     w.close()
     m = convert(tmp / "m.gguf", tmp / "out", Options(quant="q8_0"))
-    q = m.quantized["blk.0.ffn_up.weight"]
-    assert q.qtype == "Q8_0" and q.dtype == "F16" and "blk.0.ffn_up.weight" not in m.tensors
+    q = m.tensors["blk.0.ffn_up.weight"]
+    assert q.qtype == "Q8_0" and q.dtype == "F16" and q.source_dtype == "Q4_0"
     p = load_from_manifest(tmp / "out")["blk.0.ffn_up.weight"]
     deq = gguf.quants.dequantize(q4, gguf.GGMLQuantizationType.Q4_0)
     assert np.array_equal(p.blocks.numpy(), quantize(deq, "Q8_0"))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from prebake.cache.load import load_from_manifest
-from prebake.cache.manifest import read_manifest
 from prebake.convert.bake import convert
+from prebake.formats.manifest import read_manifest
 
 from tests.conftest import check_bake
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 from prebake.cache.load import load_from_manifest
-from prebake.cache.manifest import read_manifest
 from prebake.convert.bake import convert
 from prebake.convert.variants import SpecError, parse_spec, plan_variant
+from prebake.formats.manifest import read_manifest
 
 transformers = pytest.importorskip("transformers")
 

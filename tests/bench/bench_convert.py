@@ -47,7 +47,7 @@ def bench_convert(src, out, copy) -> tuple[list, dict]:
         peaks.append(peak)
         copies.append(run_timed(["sh", "-c", f'cp --reflink=never "{src}" "{copy}" && sync "{copy}"'])[0])
     copy.unlink(missing_ok=True)
-    from prebake.cache.manifest import read_manifest
+    from prebake.formats.manifest import read_manifest
 
     m = read_manifest(out)
     size = src.stat().st_size
@@ -61,7 +61,7 @@ def bench_convert(src, out, copy) -> tuple[list, dict]:
 
 
 def bench_load(src, out) -> tuple[list, list]:
-    from prebake.cache.manifest import read_manifest
+    from prebake.formats.manifest import read_manifest
 
     m = read_manifest(out)
     shard, first = str(out / m.shards[0].file), next(iter(m.tensors))

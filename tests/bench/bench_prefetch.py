@@ -45,7 +45,7 @@ def main() -> None:
         from prebake.convert.bake import convert
 
         convert(big_checkpoint(), out)
-    from prebake.cache.manifest import read_manifest
+    from prebake.formats.manifest import read_manifest
 
     m = read_manifest(out)
     shards = [str(out / s.file) for s in m.shards]

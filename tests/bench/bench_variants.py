@@ -80,8 +80,8 @@ def main() -> None:
         from prebake.convert.bake import convert
 
         convert(src, out)
-    from prebake.cache.manifest import read_manifest
     from prebake.convert.variants import add_variant_to_bake
+    from prebake.formats.manifest import read_manifest
 
     if "first1" not in read_manifest(out).variants:
         add_variant_to_bake(out, "first1=first=1;head=no")  # embeddings, layer 0, final norm

@@ -1,0 +1,227 @@
+"""What each ``prebake`` command does: ``cmd_NAME(args) -> dict``, the dict being the ``--json`` result.
+
+The parser and the error handling are in :mod:`prebake.convert.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from prebake.formats.errors import UsageError
+
+
+def _progress(args, desc: str):
+    def factory(total: int):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                   disable=True if args.quiet or args.json else None, file=sys.stderr, leave=False)
+        return bar.update
+    return factory
+
+
+def cmd_convert(args) -> dict:
+    from prebake.convert.bake import convert
+    from prebake.convert.plan import DTYPE_NAMES, Options
+
+    options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None,
+                      quant=args.quant, keep_float=args.keep_float, quant_embeddings=args.quant_embeddings,
+                      quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only), quant_pure=args.quant_pure,
+                      keep_quant=args.keep_quant)
+    if args.dry_run:
+        from prebake.convert.bake import prepare
+
+        summary = prepare(args.src, options, args.variant).summary()
+        if not args.json:
+            print(json.dumps(summary, indent=1))
+        return summary
+    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"),
+                variants=args.variant)
+    quantized = sum(1 for t in m.tensors.values() if t.qtype or t.packed)
+    result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "quantized": quantized,
+              "aliases": len(m.aliases),
+              "shards": len(m.shards), "bytes": m.total_bytes, "files": [f.path for f in m.files],
+              "skipped": m.skipped}
+    if m.components:
+        result["components"] = m.components
+        result["tensors"] = sum(c["tensors"] for c in m.components.values())
+        result["bytes"] = sum(c["bytes"] for c in m.components.values())
+        if not args.json:
+            print(f"baked {len(m.components)} components ({', '.join(m.components)}): {result['tensors']} "
+                  f"tensors ({_human(result['bytes'])}) at {args.out}")
+    elif not args.json:
+        print(f"baked {len(m.tensors)} tensors ({_human(m.total_bytes)}) into {len(m.shards)} shard(s) "
+              f"at {args.out}" + (f"; {len(m.aliases)} aliases" if m.aliases else "")
+              + (f"; {quantized} quantized" if quantized else ""))
+        for name, why in m.metadata.get("quant_kept", {}).items():
+            print(f"  kept unquantized {name}: {why}")
+        for s in m.skipped:
+            print(f"  skipped non-tensor {s['name']} ({s['kind']})")
+    return result
+
+
+def cmd_inspect(args) -> dict:
+    from prebake.formats.manifest import read_manifest
+
+    m = read_manifest(args.out)
+    dtypes: dict[str, int] = {}
+    quantized: dict[str, int] = {}
+    for _, b in m.blobs():
+        if b.qtype:
+            quantized[b.qtype] = quantized.get(b.qtype, 0) + b.nbytes
+        else:
+            dtypes[b.dtype] = dtypes.get(b.dtype, 0) + b.nbytes
+    info = {"source": m.source["path"], "format": m.source["format"], "created": m.created,
+            "tensors": len(m.tensors), "bytes": m.total_bytes, "dtypes": dtypes,
+            "quantized": dict(sorted(quantized.items())),
+            "shards": [{"file": s.file, "bytes": s.size} for s in m.shards],
+            "aliases": {k: a.target for k, a in m.aliases.items()}, "padding_entries": len(m.padding),
+            "files": [f.path for f in m.files], "skipped": m.skipped, "options": m.options,
+            "variants": {k: {"spec": v["spec"], "tensors": len(v["tensors"]), "bytes": v["bytes"]}
+                         for k, v in m.variants.items()},
+            "components": {k: {"path": c["path"], "tensors": c["tensors"], "bytes": c["bytes"]}
+                           for k, c in m.components.items()}}
+    if args.tensors:
+        info["tensor_list"] = {k: _tensor_record(t) for k, t in m.tensors.items()}
+    if not args.json:
+        print(f"{args.out}: {info['tensors']} tensors, {_human(info['bytes'])} from {info['source']} "
+              f"({info['format']}), made {info['created']}")
+        print("  dtypes: " + ", ".join(f"{k} {_human(v)}" for k, v in dtypes.items()))
+        if info["quantized"]:
+            print("  quantized: " + ", ".join(f"{k} {_human(v)}" for k, v in info["quantized"].items()))
+        for s in info["shards"]:
+            print(f"  {s['file']}  {_human(s['bytes'])}")
+        for k, v in info["aliases"].items():
+            print(f"  alias {k} -> {v}")
+        if info["files"]:
+            print("  files: " + ", ".join(info["files"]))
+        for k, c in info["components"].items():
+            print(f"  component {k}: {c['tensors']} tensors, {_human(c['bytes'])} in {c['path']}/")
+        for k, v in info["variants"].items():
+            print(f"  variant {k} ({v['spec']}): {v['tensors']} tensors, {_human(v['bytes'])}")
+        for k, t in info.get("tensor_list", {}).items():
+            form = f"{t['qtype']} blocks of {t['dtype']}" if t.get("qtype") else t["dtype"]
+            also = f" (+ {t['packed']['qtype']} blocks in shard {t['packed']['shard']})" if t.get("packed") else ""
+            print(f"  {k}  {form} {t['shape']}  shard {t['shard']} @ {t['offset']}{also}")
+    return info
+
+
+def _tensor_record(t) -> dict:
+    d = {"dtype": t.dtype, "shape": t.shape, "shard": t.shard, "offset": t.offset, "nbytes": t.nbytes}
+    if t.qtype:
+        d["qtype"] = t.qtype
+    if t.packed:
+        d["packed"] = {"qtype": t.packed.qtype, "shard": t.packed.shard, "offset": t.packed.offset}
+    return d
+
+
+def cmd_variant(args) -> dict:
+    from prebake.convert.variants import add_variant_to_bake
+
+    record = add_variant_to_bake(args.out, args.spec)
+    name = args.spec.partition("=")[0]
+    if not args.json:
+        print(f"variant {name}: {len(record['tensors'])} tensors, {_human(record['bytes'])} "
+              f"(layers {record['layers'] or 'none'}" + (f", experts {record['experts']}" if record["experts"] else "")
+              + "); no tensor bytes copied")
+    return {"variant": name, **{k: v for k, v in record.items() if k != "tensors"},
+            "tensors": len(record["tensors"])}
+
+
+def cmd_pack(args) -> dict:
+    from prebake.convert.pack import pack
+
+    r = pack(args.out, args.archive, level=args.level, threads=args.threads, force=args.force,
+             progress=_progress(args, "pack"))
+    if not args.json:
+        print(f"packed {r.files} files ({_human(r.raw_bytes)}) into {args.archive}: {_human(r.archive_bytes)} "
+              f"({r.archive_bytes / max(r.raw_bytes, 1):.3f} of raw), {r.chunks} chunks")
+    return {"archive": str(r.archive), "files": r.files, "chunks": r.chunks, "raw_bytes": r.raw_bytes,
+            "archive_bytes": r.archive_bytes}
+
+
+def cmd_unpack(args) -> dict:
+    from prebake.convert.pack import unpack
+
+    out = unpack(args.archive, args.out, threads=args.threads, force=args.force, progress=_progress(args, "unpack"))
+    if not args.json:
+        print(f"unpacked {args.archive} into {out}")
+    return {"out": str(Path(out).resolve())}
+
+
+def cmd_warm(args) -> dict:
+    import time
+
+    from prebake.cache.prefetch import Prefetcher, bake_ranges
+    from prebake.formats.manifest import read_component, read_manifest
+
+    m = read_manifest(args.out)
+    ranges = [r for c in m.components for r in bake_ranges(read_component(m, c))]
+    ranges += bake_ranges(m)
+    start = time.perf_counter()
+    p = Prefetcher(ranges)
+    p.join()
+    seconds = time.perf_counter() - start
+    if not args.json:
+        print(f"warmed {_human(p.done_bytes)} in {seconds:.2f} s ({p.done_bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
+    return {"bytes": p.done_bytes, "seconds": seconds}
+
+
+def cmd_cache(args) -> dict:
+    from prebake.cache import store
+
+    if args.action == "ls":
+        rows = store.entries()
+        if not args.json:
+            print(f"{store.cache_root()}: {len(rows)} bakes, {_human(sum(e.bytes for e in rows))}")
+            for e in rows:
+                print(f"  {e.key}  {_human(e.bytes):>10}  {e.source}  {_options_text(e.options)}")
+        return {"root": str(store.cache_root()), "entries": [
+            {"key": e.key, "path": str(e.path), "source": e.source, "options": e.options, "bytes": e.bytes,
+             "last_used": e.last_used} for e in rows]}
+    if args.action == "rm":
+        keys = [e.key for e in store.entries()] if args.all else args.keys
+        removed = [k for k in keys if store.remove(k)]
+        missing = sorted(set(keys) - set(removed))
+        if missing:
+            raise UsageError(f"no cache entry {missing[0]!r} (see 'prebake cache ls')")
+        if not args.json:
+            print(f"removed {len(removed)} bake(s)")
+        return {"removed": removed}
+    removed = store.gc(args.max_size)
+    if not args.json:
+        print(f"removed {len(removed)} bake(s), {_human(sum(e.bytes for e in removed))}")
+    return {"removed": [e.key for e in removed], "bytes": sum(e.bytes for e in removed)}
+
+
+def _options_text(options: dict) -> str:
+    """The options that differ from the defaults, as the command line would spell them."""
+    defaults = {"shard_size": 2 << 30, "align": 4096}
+    parts = [f"--{k.replace('_', '-')} {v}" if v is not True else f"--{k.replace('_', '-')}"
+             for k, v in options.items() if v not in (None, False, [], ()) and defaults.get(k) != v]
+    return " ".join(parts) or "(defaults)"
+
+
+def cmd_verify(args) -> dict:
+    from prebake.cache.integrity import verify
+    from prebake.formats.manifest import read_manifest
+
+    m = read_manifest(args.out)
+    report = verify(m, _progress(args, "verify")(m.total_bytes))
+    if not args.json:
+        print(f"ok: {report.tensors} tensors ({_human(report.bytes)}) and {report.files} files match")
+    return {"ok": True, "tensors": report.tensors, "files": report.files, "bytes": report.bytes}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
+            "warm": cmd_warm, "cache": cmd_cache, "pack": cmd_pack, "unpack": cmd_unpack}
