@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrebakeError as e:
         return _fail(args, str(e), e.exit_code)
     except Interrupted as e:
-        return _fail(args, f"interrupted ({e.name}); nothing was written", 128 + e.signum)
+        return _fail(args, f"interrupted ({e.name}); no output was left behind", 128 + e.signum)
     except KeyboardInterrupt:
-        return _fail(args, "interrupted; nothing was written", 130)
+        return _fail(args, "interrupted; no output was left behind", 130)
     except BrokenPipeError:  # `prebake inspect OUT | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

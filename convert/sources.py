@@ -97,9 +97,11 @@ def open_source(path: str | os.PathLike) -> Source:
     if not p.is_dir():
         f = read_file(str(p))
         return Source(str(p), f.format, [f])
-    weights = weight_files(p)
+    index = find_index(p)
+    weights = weight_files(p, index)
     files = [read_file(str(w)) for w in weights]
-    _check_index(p, files)
+    if index is not None:
+        _check_index(index, files)
     copy = sorted(c for c in p.iterdir() if c.is_file() and c.suffix not in WEIGHT_SUFFIXES
                   and c.name not in INDEX_FILES and c.name != "manifest.json" and not c.name.startswith("."))
     diffusers = any(w.name.startswith("diffusion_pytorch_model") for w in weights) or \
@@ -126,16 +128,27 @@ def _has_weights(folder: Path) -> bool:
                for p in folder.iterdir())
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a model folder: from its index, else every file of the best format."""
-    for index in INDEX_FILES:
-        ip = folder / index
+Index = tuple[Path, dict[str, str]]  # an index file and its weight map (tensor name -> file name)
+
+
+def find_index(folder: Path) -> Index | None:
+    """The folder's sharding index (``*.index.json``) and its checked weight map, if it has one."""
+    for name in INDEX_FILES:
+        ip = folder / name
         if ip.exists():
-            names = list(dict.fromkeys(_weight_map(ip).values()))
-            missing = [n for n in names if not (folder / n).is_file()]
-            if missing:
-                raise FormatError(f"the index names {missing[0]}, which is not in the folder", ip)
-            return [folder / n for n in names]
+            return ip, _weight_map(ip)
+    return None
+
+
+def weight_files(folder: Path, index: Index | None = None) -> list[Path]:
+    """The weight files of a model folder: from its index, else every file of the best format."""
+    if index is not None:
+        ip, weight_map = index
+        names = list(dict.fromkeys(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FormatError(f"the index names {missing[0]}, which is not in the folder", ip)
+        return [folder / n for n in names]
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.gguf"):
         found = sorted(p for p in folder.glob(pattern) if p.name not in TRAINER_FILES)
         if found:
@@ -144,24 +157,27 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def _weight_map(index: Path) -> dict[str, str]:
+    """The index's weight map; every file it names is a plain file name in the index's folder."""
     try:
         wm = json.loads(index.read_text())["weight_map"]
-        if not isinstance(wm, dict):
-            raise TypeError
-        return wm
-    except (ValueError, KeyError, TypeError):
-        raise FormatError("malformed index (expected a weight_map object)", index) from None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        wm = None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise FormatError("malformed index (expected a weight_map object of tensor name -> file name)", index)
+    folder = os.path.realpath(index.parent)
+    for file in set(wm.values()):
+        if "/" in file or "\\" in file or file in ("", ".", "..") or \
+                os.path.dirname(os.path.realpath(index.parent / file)) != folder:
+            raise FormatError(f"the index names {file!r}, which is not a file in the index's folder", index)
+    return wm
 
 
-def _check_index(folder: Path, files: list[SourceFile]) -> None:
-    for index in INDEX_FILES:
-        ip = folder / index
-        if ip.exists():
-            have = {t.name: Path(f.path).name for f in files for t in f.tensors}
-            for name, file in _weight_map(ip).items():
-                if have.get(name) != file:
-                    raise FormatError(f"the index places {name!r} in {file}, but it is not there", ip)
-            return
+def _check_index(index: Index, files: list[SourceFile]) -> None:
+    ip, weight_map = index
+    have = {t.name: Path(f.path).name for f in files for t in f.tensors}
+    for name, file in weight_map.items():
+        if have.get(name) != file:
+            raise FormatError(f"the index places {name!r} in {file}, but it is not there", ip)
 
 
 def fingerprint(path: str | os.PathLike) -> dict:

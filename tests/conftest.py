@@ -71,3 +71,17 @@ def check_bake(out: str | Path, expected: dict[str, torch.Tensor] | None = None)
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def save_llama(path: Path, *, layers: int, hidden: int, inter: int, vocab: int, heads: int = 4, kv_heads: int = 2,
+               tie: bool = False, seed: int = 0):
+    """A random ``LlamaForCausalLM`` saved with ``save_pretrained`` at ``path``; returns it in eval mode."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model

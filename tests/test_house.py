@@ -37,6 +37,7 @@ from prebake.convert.cli import main
 from prebake.convert.plan import Options
 from prebake.formats.manifest import read_manifest
 
+from tests.conftest import save_llama
 from tests.test_bad_input import assert_left_as_it_was, save_torch, small_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -46,10 +47,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def llama(tmp_path_factory):
     """A 2-layer random Llama, hidden 256 so every row fits a 256-block."""
     tmp = tmp_path_factory.mktemp("house")
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "src")
+    save_llama(tmp / "src", layers=2, hidden=256, inter=512, vocab=256)
     return tmp
 
 
@@ -246,6 +244,6 @@ def test_racing_ensure_and_remove_never_convert_at_once(tmp_path):
     for p in (remover, a, b):
         assert p.wait(120) == 0
     spans = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end, f"two conversions of one entry overlapped: {spans}"
     assert len(spans) == 2  # the first call and A; B found A's bake

@@ -22,6 +22,8 @@ from prebake.formats.manifest import read_manifest
 from prebake.formats.quants import quantize
 from prebake.formats.tensor import TensorInfo
 
+from tests.conftest import save_llama
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -159,12 +161,7 @@ def test_quant_linear_modes_and_bf16_gradients(monkeypatch):
 
 def _random_llama(path, layers: int = 2):
     """Hidden 256: every row fits a 256-block, so q4_k really is Q4_K everywhere."""
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(path)
-    return model
+    return save_llama(path, layers=layers, hidden=256, inter=512, vocab=512)
 
 
 def _logits_cosine(model, bake) -> float:
@@ -307,10 +304,7 @@ def _memory_of_one_forward(src, bake) -> dict:
 @pytest.fixture(scope="module")
 def llama8(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llama8")
-    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "src")
+    save_llama(tmp / "src", layers=8, hidden=512, inter=1536, vocab=1024, heads=8, kv_heads=4, tie=True)
     convert(tmp / "src", tmp / "float", Options())
     # activations: what a forward pass of the plain float model allocates beyond its weights
     return tmp, _memory_of_one_forward(tmp / "src", tmp / "float")["forward_anon"]

@@ -13,6 +13,8 @@ from prebake.convert.bake import convert
 from prebake.convert.variants import SpecError, parse_spec, plan_variant
 from prebake.formats.manifest import read_manifest
 
+from tests.conftest import save_llama
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -23,11 +25,7 @@ def folder_bytes(path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llama8")
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(tmp / "src")
+    model = save_llama(tmp / "src", layers=8, hidden=32, inter=64, vocab=128)
     convert(tmp / "src", tmp / "out")
     return tmp, model
 
