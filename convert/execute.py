@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prebake.convert.output import guard
+from prebake.convert.output import guard, writing_file
 from prebake.convert.plan import BakePlan, Planned, ShardPlan
 from prebake.convert.transforms import chunks
 from prebake.formats.errors import FormatError, PrebakeError
@@ -125,10 +125,7 @@ def file_entry(path: Path, folder: Path | None = None) -> FileEntry:
 def write_json(path: Path, obj_or_text) -> None:
     """Writes JSON through a temporary name and a rename, durable before the rename."""
     text = obj_or_text if isinstance(obj_or_text, str) else json.dumps(obj_or_text, indent=1)
-    tmp = path.with_name(path.name + ".tmp")
-    with guard(path):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    with writing_file(path) as tmp, guard(path), open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
