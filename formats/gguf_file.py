@@ -275,8 +275,8 @@ def _skip(r: _Reader, type_id: int, count: int, what: str, depth: int) -> None:
         if depth >= MAX_NESTING:
             raise FormatError(f"{what}: arrays nested more than {MAX_NESTING} deep", r.path)
         for i in range(count):
-            item_id = _value_type(r, f"{what}[{i}]: array item type")
-            _skip(r, item_id, r.u64(f"{what}[{i}]: array length"), f"{what}[{i}]", depth + 1)
+            item_id = _value_type(r, f"{what} item {i}: array item type")
+            _skip(r, item_id, r.u64(f"{what} item {i}: array length"), f"{what} item {i}", depth + 1)
     else:
         r.pos += count * _MIN_ITEM[type_id]  # fixed-size items: checked above
 
@@ -315,7 +315,7 @@ def _decode(buffer: np.ndarray, pos: int, type_id: int, what: str, path: str) ->
         return _decode_strings(view, pos, count, what, path)
     out = []
     for i in range(count):
-        value, pos = _decode(buffer, pos, ARRAY, f"{what}[{i}]", path)
+        value, pos = _decode(buffer, pos, ARRAY, f"{what} item {i}", path)
         out.append(value)
     return out, pos
 
@@ -330,7 +330,7 @@ def _decode_strings(view: memoryview, pos: int, count: int, what: str, path: str
             append(str(view[pos + 8:pos + 8 + n], "utf-8"))
             pos += 8 + n
     except UnicodeDecodeError:
-        raise FormatError(f"{what}[{len(out)}] is not valid UTF-8", path) from None
+        raise FormatError(f"{what} item {len(out)} is not valid UTF-8", path) from None
     return out, pos
 
 

@@ -382,9 +382,10 @@ def test_duplicate_tensor_name_refused(tmp_path):
     refused(edited(src, tmp_path / "dup.gguf", {at: b"x.weight"}), "'x.weight'", "twice")
 
 
-def test_nesting_bounded(tmp_path):
+@pytest.mark.parametrize("depth", [MAX_NESTING, MAX_NESTING + 1])
+def test_nesting_bounded(tmp_path, depth):
     deep = 1
-    for _ in range(MAX_NESTING + 1):
+    for _ in range(depth):
         deep = [deep]
     path = tmp_path / "deep.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -393,7 +394,10 @@ def test_nesting_bounded(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    refused(path, "t.deep", "nested")
+    if depth > MAX_NESTING:
+        refused(path, "t.deep", "nested")
+    else:
+        assert open_gguf(path).fields["t.deep"].value() == deep
 
 
 def test_every_truncation_refused(tmp_path, small):
