@@ -1,81 +1,51 @@
-"""Reader for GGUF files, through gguf-py's memory-mapped ``GGUFReader``.
+"""Reader for GGUF files, on prebake's own parser (:mod:`prebake.formats.gguf_file`).
 
 Plain tensors (F32, F16, BF16, F64, integers) come out as raw items; block-quantized tensors
-as their blocks, ``dtype`` naming the GGML type (``"Q4_K"``). Shapes are in PyTorch order
-(GGUF stores them innermost first).
+as their blocks (``dtype`` what they decode to, ``qtype`` the GGML type, ``"Q4_K"``). Shapes
+are in PyTorch order (GGUF stores them innermost first). Every read is a view of one map of
+the file. For the long metadata arrays as lazy spans (tokens as numpy views, strings decoded
+on demand), use :func:`open_gguf` on the same path.
 """
 
 from __future__ import annotations
 
-from prebake.formats.errors import FormatError, UnsupportedError
+from prebake.formats.gguf_file import GGUFFile, GGUFTensor, open_gguf
 from prebake.formats.tensor import DTYPE_SIZES, SourceFile, StorageRef, TensorInfo, numel, raw_view
 
+__all__ = ["open_gguf", "read_gguf"]
+
+# GGML types stored as plain items, under their safetensors codes (the same names)
 PLAIN_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64",
                "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64"}
 
 
 def read_gguf(path: str) -> SourceFile:
-    """Describes every tensor of a GGUF file and returns its key-value metadata."""
-    import gguf
+    """Describes every tensor of a GGUF file, in file order, with its key-value metadata.
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError, IndexError, ... on bad files
-        raise FormatError(f"corrupt or truncated GGUF file ({type(e).__name__}: {e})", path) from None
-    size = len(reader.data)
-    tensors = []
-    for t in reader.tensors:
-        qtype = t.tensor_type.name
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if t.data_offset + t.n_bytes > size:
-            raise FormatError(f"tensor {t.name!r} is cut off (file truncated)", path)
-        tensors.append(_describe(reader, t, qtype, shape, path))
-    return SourceFile(path, "gguf", tensors, metadata={"gguf": metadata(reader)})
+    ``metadata["gguf"]`` holds every key's value as plain JSON (long arrays included: the bake
+    writes them to its side file); the header's own fields are not keys and are not in it.
+    """
+    parsed = open_gguf(path)
+    tensors = [_describe(parsed, t) for t in parsed.tensors.values()]
+    return SourceFile(parsed.path, "gguf", tensors, metadata={"gguf": parsed.metadata(max_list=None)})
 
 
-def _describe(reader, t, qtype: str, shape: tuple[int, ...], path: str) -> TensorInfo:
-    import gguf
-
-    offset, nbytes = int(t.data_offset), int(t.n_bytes)
+def _describe(parsed: GGUFFile, t: GGUFTensor) -> TensorInfo:
+    """A tensor's description; ``read()`` is a view of the map (the parser checked the bounds)."""
+    buffer, offset, nbytes, shape = parsed.buffer, t.offset, t.nbytes, t.shape
     ref = StorageRef(t.name, offset, offset + nbytes, True)
-    if qtype in PLAIN_TYPES:
-        dtype = PLAIN_TYPES[qtype]
+    if t.type in PLAIN_TYPES:
+        dtype = PLAIN_TYPES[t.type]
 
         def read():
-            return raw_view(reader.data, offset, shape, DTYPE_SIZES[dtype])
+            return raw_view(buffer, offset, shape, DTYPE_SIZES[dtype])
 
-        return TensorInfo(t.name, dtype, shape, nbytes, path, read, ref)
-    if t.tensor_type not in gguf.GGML_QUANT_SIZES:
-        raise UnsupportedError(f"tensor {t.name!r} has GGML type {qtype}, which prebake does not support", path)
-    block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        return TensorInfo(t.name, dtype, shape, nbytes, parsed.path, read, ref)
+    block, type_size = t.block
     row = shape[-1] if shape else 1
-    if row % block:
-        raise FormatError(f"tensor {t.name!r}: row of {row} is not a multiple of the {qtype} block", path)
-    rows = numel(shape) // row if row else 0
+    rows, row_bytes = numel(shape) // row, row // block * type_size
 
     def read_blocks():
-        return reader.data[offset:offset + nbytes].reshape(rows, row // block * type_size)
+        return buffer[offset:offset + nbytes].reshape(rows, row_bytes)
 
-    return TensorInfo(t.name, "F32", shape, nbytes, path, read_blocks, ref, qtype)
-
-
-def metadata(reader) -> dict:
-    """The key-value metadata as JSON-ready values (header fields left out)."""
-    out = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        try:
-            value = field.contents()
-        except Exception:  # a value type gguf-py cannot decode: keep going without it
-            continue
-        out[name] = _plain(value)
-    return out
-
-
-def _plain(value):
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):
-        return value.item()
-    return value
+    return TensorInfo(t.name, "F32", shape, nbytes, parsed.path, read_blocks, ref, t.type)
