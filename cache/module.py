@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from prebake.cache.load import Names, load_from_manifest
 from prebake.cache.packed import PackedTensor
-from prebake.cache.qlinear import QuantLinear, dequantize_all, swap_linears
+from prebake.cache.qlinear import dequantize_all, swap_linears
 from prebake.formats.errors import FitError
 from torch import nn
 
@@ -36,14 +36,10 @@ def params_on_meta():
         nn.Module.register_parameter = register
 
 
-def _is_quant_linear_weight(module: nn.Module, name: str) -> bool:
-    path, _, leaf = name.rpartition(".")
-    if leaf != "weight":
-        return False
-    try:
-        return isinstance(module.get_submodule(path), QuantLinear)
-    except AttributeError:
-        return False
+def non_persistent_buffers(module: nn.Module) -> set[str]:
+    """Names of the buffers a module computes itself and leaves out of its state dict
+    (``position_ids``, rotary frequencies): a checkpoint may hold them; they are not the model's to load."""
+    return {f"{name}.{b}" if name else b for name, m in module.named_modules() for b in m._non_persistent_buffers_set}
 
 
 def _back_onto_the_map(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -60,9 +56,11 @@ def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, st
     """``factory()`` builds the model with parameters on meta; the bake's tensors are assigned in.
 
     ``names``, ``quant``, ``variant`` and ``component`` select what is loaded, as for
-    :func:`~prebake.cache.load.load_from_manifest`. Quantized weights of ``nn.Linear`` layers
-    become :class:`~prebake.cache.qlinear.QuantLinear` layers that keep the blocks packed;
-    other packed tensors are unpacked.
+    :func:`~prebake.cache.load.load_from_manifest`. Quantized weights of ``nn.Linear``
+    (``nn.Embedding``) layers become :class:`~prebake.cache.qlinear.QuantLinear`
+    (:class:`~prebake.cache.qlinear.QuantEmbedding`) layers that keep the blocks packed; other
+    packed tensors are unpacked. Buffers the checkpoint holds but the module computes itself
+    (``position_ids``) are left to the module.
     No parameter is initialised or copied: each one is a view of the bake's memory maps. Tied
     weights are re-tied (``tie_weights()``) before checking. With ``strict``, raises
     :class:`FitError` (a ``ValueError``) if a parameter is left unset or the bake holds a tensor
@@ -73,10 +71,12 @@ def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, st
     with params_on_meta():
         module = factory()
     state = load_from_manifest(path, names=names, quant=quant, variant=variant, component=component)
+    computed = non_persistent_buffers(module)
+    state = {k: v for k, v in state.items() if k not in computed}
     packed = {k: v for k, v in state.items() if isinstance(v, PackedTensor)}
     if packed:
-        swap_linears(module, packed)
-        state = dequantize_all({k: v for k, v in state.items() if not _is_quant_linear_weight(module, k)})
+        used = set(swap_linears(module, packed))
+        state = dequantize_all({k: v for k, v in state.items() if k not in used})
     result = module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):  # transformers models re-tie weights a checkpoint stores once
         module.tie_weights()

@@ -1,5 +1,10 @@
-"""``QuantLinear``: a linear layer that keeps its weight as GGML blocks and unpacks it per call.
+"""``QuantLinear`` and ``QuantEmbedding``: layers that keep their weight as GGML blocks.
 
+Their ``weight`` is a buffer holding the blocks (``uint8``, (rows, bytes per row)), so a state
+dict (and ``save_pretrained``) gives back the bake's bytes under the bake's names, and
+transformers' loader fills it straight from the shard (:mod:`prebake.cache.hf`).
+
+``QuantLinear`` unpacks its weight per call.
 Resident memory stays near the packed size (what people reach for bitsandbytes for, with no
 CUDA needed): the blocks are a view of the bake's memory map, and the weight is unpacked a band
 of rows at a time (about ``CHUNK`` bytes of floats) into one work buffer per thread, device and
@@ -33,17 +38,32 @@ def _work(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return buf[:numel]
 
 
+def _empty_blocks(qtype: str, shape: tuple[int, int], device) -> torch.Tensor:
+    from prebake.formats.ggml_types import blocks_shape
+
+    return torch.empty(blocks_shape(qtype, shape), dtype=torch.uint8, device=device)
+
+
 class QuantLinear(nn.Module):
+    """``nn.Linear`` over GGML blocks: ``x @ W.T + b`` with W unpacked a band of rows at a time."""
+
     def __init__(self, packed: PackedTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.qtype, self.weight_dtype = packed.qtype, packed.dtype
-        self.register_buffer("blocks", packed.blocks, persistent=False)
+        self.register_buffer("weight", packed.blocks)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear, qtype: str) -> QuantLinear:
+        """An empty layer (on ``linear``'s device, meta while a model is being built) for ``linear``'s blocks."""
+        shape = (linear.out_features, linear.in_features)
+        blocks = _empty_blocks(qtype, shape, linear.weight.device)
+        return cls(PackedTensor(blocks, qtype, shape, linear.weight.dtype), linear.bias)
 
     @property
     def packed(self) -> PackedTensor:
-        return PackedTensor(self.blocks, self.qtype, (self.out_features, self.in_features), self.weight_dtype)
+        return PackedTensor(self.weight, self.qtype, (self.out_features, self.in_features), self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _PackedMatmul.apply(x, self)
@@ -89,10 +109,46 @@ class _PackedMatmul(torch.autograd.Function):
         return gx.to(grad.dtype), None
 
 
-def swap_linears(module: nn.Module, packed: dict[str, PackedTensor]) -> list[str]:
-    """Replaces each ``nn.Linear`` whose ``NAME.weight`` is in ``packed`` with a :class:`QuantLinear`.
+class QuantEmbedding(nn.Module):
+    """``nn.Embedding`` over GGML blocks: each looked-up row is unpacked, the table never is.
 
-    Returns the weight names it used; the bias stays a parameter of the new layer (still to be
+    A row of the table is a whole number of blocks, so a lookup gathers those bytes and unpacks
+    only them. ``embed_scale`` (Gemma's, Bart's scaled embeddings) is kept and applied.
+    """
+
+    def __init__(self, packed: PackedTensor, embed_scale=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.shape
+        self.qtype, self.weight_dtype = packed.qtype, packed.dtype
+        self.register_buffer("weight", packed.blocks)
+        self.embed_scale = embed_scale
+
+    @classmethod
+    def like(cls, embedding: nn.Embedding, qtype: str) -> QuantEmbedding:
+        shape = (embedding.num_embeddings, embedding.embedding_dim)
+        blocks = _empty_blocks(qtype, shape, embedding.weight.device)
+        return cls(PackedTensor(blocks, qtype, shape, embedding.weight.dtype), getattr(embedding, "embed_scale", None))
+
+    @property
+    def packed(self) -> PackedTensor:
+        return PackedTensor(self.weight, self.qtype, (self.num_embeddings, self.embedding_dim), self.weight_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.index_select(0, ids.reshape(-1))
+        out = PackedTensor(rows, self.qtype, (rows.shape[0], self.embedding_dim), self.weight_dtype).dequantize()
+        if self.embed_scale is not None:
+            out = out * torch.as_tensor(self.embed_scale).to(out.dtype)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+
+
+def swap_linears(module: nn.Module, packed: dict[str, PackedTensor]) -> list[str]:
+    """Replaces each ``nn.Linear`` (``nn.Embedding``) whose ``NAME.weight`` is in ``packed`` with a
+    :class:`QuantLinear` (:class:`QuantEmbedding`) over those blocks.
+
+    Returns the weight names it used; a bias stays a parameter of the new layer (still to be
     loaded if it is on the meta device).
     """
     used = []
@@ -104,11 +160,14 @@ def swap_linears(module: nn.Module, packed: dict[str, PackedTensor]) -> list[str
             layer = module.get_submodule(path)
         except AttributeError:
             continue
-        if not isinstance(layer, nn.Linear) or tuple(layer.weight.shape) != tuple(p.shape):
+        if tuple(layer.weight.shape) != tuple(p.shape):
             continue
-        parent, _, child = path.rpartition(".")
-        q = QuantLinear(p, layer.bias)
-        setattr(module.get_submodule(parent) if parent else module, child, q)
+        if isinstance(layer, nn.Linear):
+            module.set_submodule(path, QuantLinear(p, layer.bias))
+        elif isinstance(layer, nn.Embedding):
+            module.set_submodule(path, QuantEmbedding(p, getattr(layer, "embed_scale", None)))
+        else:
+            continue
         used.append(name)
     return used
 

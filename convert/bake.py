@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prebake.convert import execute, output
+from prebake.convert.hf_files import hf_index, mark_quantized
 from prebake.convert.plan import BakePlan, Options, plan_bake
 from prebake.convert.sources import Source, component_folders, describe_source, open_source
 from prebake.convert.variants import VariantSpec, add_variants, parse_named
@@ -108,6 +109,7 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
         metadata=metadata, prebake_version=__version__, created=_now(), root=root)
     if plan.quant_kept:
         manifest.metadata["quant_kept"] = plan.quant_kept
+    manifest.files = mark_quantized(folder, manifest, manifest.files)
     add_variants(manifest, folder, specs)
     execute.write_json(folder / f"{source.stem}.safetensors.index.json", hf_index(manifest))
     execute.write_json(folder / MANIFEST_NAME, manifest.to_json())
@@ -139,10 +141,3 @@ def _bake_components(job: Prepared, folder: Path, root: Path, options: Options, 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def hf_index(m: Manifest) -> dict:
-    """The Hugging Face ``model.safetensors.index.json`` for a bake: every tensor in the main
-    shards (blocks kept beside float copies live in shards of their own, left out)."""
-    return {"metadata": {"total_size": sum(t.nbytes for t in m.tensors.values()), "format": "pt"},
-            "weight_map": {name: m.shards[t.shard].file for name, t in m.tensors.items()}}

@@ -249,6 +249,8 @@ def add_variants(manifest, folder, specs: list[tuple[str, VariantSpec]]) -> None
         config = gguf_config(gguf)
     for name, spec in specs:
         v = plan_variant(name, spec, shapes, config, nbytes)
+        if v.config is not None:
+            _cut_quantization_config(v)
         record = {"spec": v.spec, "layers": v.layers, "experts": v.experts, "bytes": v.bytes,
                   "tensors": v.tensors}
         if v.config is not None:
@@ -257,6 +259,20 @@ def add_variants(manifest, folder, specs: list[tuple[str, VariantSpec]]) -> None
             write_json(folder / rel, v.config)
             record["config"] = rel
         manifest.variants[name] = record
+
+
+def _cut_quantization_config(v: Variant) -> None:
+    """A variant's ``quantization_config`` lists its own packed modules, under their new names."""
+    qc = v.config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "prebake":
+        return
+    qtypes = {m: q for q, names in qc.get("modules", {}).items() for m in names}
+    modules: dict[str, list[str]] = {}
+    for new, e in v.tensors.items():
+        qtype = qtypes.get(e["source"].removesuffix(".weight"))
+        if qtype is not None and "rows" not in e:
+            modules.setdefault(qtype, []).append(new.removesuffix(".weight"))
+    v.config["quantization_config"] = {**qc, "modules": modules}
 
 
 def gguf_config(metadata: dict) -> dict:
