@@ -8,6 +8,7 @@ checks the variant specs and plans each bake, all before a byte is written.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ from prebake.convert.plan import BakePlan, Options, plan_bake
 from prebake.convert.sources import Source, component_folders, describe_source, open_source
 from prebake.convert.variants import VariantSpec, add_variants, parse_named
 from prebake.formats import __version__
-from prebake.formats.errors import SpecError
+from prebake.formats.errors import PrebakeWarning, SpecError
 from prebake.formats.manifest import MANIFEST_NAME, AliasEntry, Manifest, hasher
 from prebake.formats.safetensors_writer import is_padding
 
@@ -82,6 +83,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
     options = options or Options()
     out = Path(out)
     job = prepare(src, options, variants)
+    for plan in job.plans.values():
+        for message in plan.warnings:
+            warnings.warn(message, PrebakeWarning, stacklevel=2)
     update = progress(job.total_bytes) if progress else (lambda n: None)
     with output.writing(out, force, job.src, job.total_bytes) as tmp:
         if job.components:
@@ -107,8 +111,8 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
         padding=[s.name for sh in plan.shards for s in sh.slots if is_padding(s.name)],
         files=files, skipped=[{"name": s.name, "kind": s.kind} for s in source.skipped],
         metadata=metadata, prebake_version=__version__, created=_now(), root=root)
-    if plan.quant_kept:
-        manifest.metadata["quant_kept"] = plan.quant_kept
+    if plan.quant_notes:
+        manifest.metadata["quant_notes"] = plan.quant_notes
     manifest.files = mark_quantized(folder, manifest, manifest.files)
     add_variants(manifest, folder, specs)
     execute.write_json(folder / f"{source.stem}.safetensors.index.json", hf_index(manifest))

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from contextlib import contextmanager
 
 from prebake.convert.quant_policy import RECIPES
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from prebake.convert.commands import COMMANDS
 
+    _warnings_as_lines()
     try:
         with _signals_interrupt():
             result = COMMANDS[args.command](args)
@@ -160,6 +162,22 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
+
+
+def _warnings_as_lines() -> None:
+    """Each PrebakeWarning is one ``prebake: warning:`` line on stderr, every time."""
+    from prebake.formats.errors import PrebakeWarning
+
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PrebakeWarning):
+            print(f"prebake: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
+    warnings.simplefilter("always", PrebakeWarning)
 
 
 class Interrupted(BaseException):

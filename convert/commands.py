@@ -43,7 +43,7 @@ def cmd_convert(args) -> dict:
     result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "quantized": quantized,
               "aliases": len(m.aliases),
               "shards": len(m.shards), "bytes": m.total_bytes, "files": [f.path for f in m.files],
-              "skipped": m.skipped}
+              "skipped": m.skipped, "quant_notes": m.metadata.get("quant_notes", {})}
     if m.components:
         result["components"] = m.components
         result["tensors"] = sum(c["tensors"] for c in m.components.values())
@@ -55,8 +55,8 @@ def cmd_convert(args) -> dict:
         print(f"baked {len(m.tensors)} tensors ({_human(m.total_bytes)}) into {len(m.shards)} shard(s) "
               f"at {args.out}" + (f"; {len(m.aliases)} aliases" if m.aliases else "")
               + (f"; {quantized} quantized" if quantized else ""))
-        for name, why in m.metadata.get("quant_kept", {}).items():
-            print(f"  kept unquantized {name}: {why}")
+        for name, what in m.metadata.get("quant_notes", {}).items():
+            print(f"  {name}: {what}")
         for s in m.skipped:
             print(f"  skipped non-tensor {s['name']} ({s['kind']})")
     return result

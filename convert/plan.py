@@ -135,7 +135,8 @@ class BakePlan:
     skipped: list[SkippedLeaf]
     options: Options
     order: list[str] = field(default_factory=list)  # stored tensors in execution order
-    quant_kept: dict[str, str] = field(default_factory=dict)  # eligible tensors left unquantized, and why
+    quant_notes: dict[str, str] = field(default_factory=dict)  # tensors not at the recipe's type: what, and why
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -150,7 +151,8 @@ class BakePlan:
             "transforms": {p.name: f"{p.source.qtype or p.source.dtype}->{p.qtype or p.dtype}" for s in self.shards
                            for p in s.tensors.values() if p.transform != "copy" and not p.packed},
             "packed_copies": sorted(p.name for s in self.shards for p in s.tensors.values() if p.packed),
-            "quant_kept": self.quant_kept,
+            "quant_notes": self.quant_notes,
+            "warnings": self.warnings,
         }
 
 
@@ -182,7 +184,13 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
     shards = _shard(main, options, stem, 0)
     if packed:
         shards += _shard(packed, options, f"{stem}-{options.quant}", len(shards))
-    return BakePlan(shards, aliases, list(skipped), options, [p.name for p in main], kept)
+    plan = BakePlan(shards, aliases, list(skipped), options, [p.name for p in main], kept)
+    requantized = sorted({t.qtype for t in stored if t.qtype and t.name in chosen})
+    if requantized:
+        plan.warnings.append(f"--quant {options.quant} quantizes the source's {', '.join(requantized)} blocks "
+                             "again from their dequantized values (a second rounding error); --keep-quant keeps "
+                             "them as they are")
+    return plan
 
 
 RESERVED = PAD_PREFIX  # names prebake gives its own entries; a source may not use them

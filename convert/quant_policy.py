@@ -50,7 +50,8 @@ class QuantPolicy:
 
 
 def choose(policy: QuantPolicy, tensors: list[TensorInfo]) -> tuple[dict[str, str], dict[str, str]]:
-    """Returns ({name: GGML type} to quantize, {name: why not} for eligible-looking tensors kept)."""
+    """Returns ({name: GGML type} to quantize, {name: what happened instead, and why}) where the
+    recipe's type did not fit: a fallback type, or no quantization at all."""
     n_layers = 1 + max((layer_of(t.name)[1][0] for t in tensors if layer_of(t.name)), default=0)
     chosen, kept = {}, {}
     for t in tensors:
@@ -61,8 +62,10 @@ def choose(policy: QuantPolicy, tensors: list[TensorInfo]) -> tuple[dict[str, st
         if row % _block(qtype):
             fallback = FALLBACK.get(qtype)
             if fallback is None or row % _block(fallback):
-                kept[t.name] = f"row of {row} is not a multiple of the {qtype} block ({_block(qtype)})"
+                kept[t.name] = f"not quantized: row of {row} is not a multiple of the {qtype} block ({_block(qtype)})"
                 continue
+            kept[t.name] = (f"{fallback} instead of {qtype}: row of {row} is not a multiple of the {qtype} "
+                            f"block ({_block(qtype)})")
             qtype = fallback
         chosen[t.name] = qtype
     return chosen, kept

@@ -68,3 +68,7 @@ class NotInBakeError(PrebakeError, KeyError):
 
 class FitError(UsageError):
     """A bake's tensors and a module's parameters do not match (``load_module``)."""
+
+
+class PrebakeWarning(UserWarning):
+    """Something a conversion did that the user may not expect (the CLI prints one line for each)."""
