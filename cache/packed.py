@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from prebake.formats.ggml_types import QUANT_SIZES
+from prebake.formats.ggml_types import BLOCK_SIZES
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
 def dequantize_blocks(blocks: torch.Tensor, qtype: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """(n, block bytes) uint8 -> (n, block elements) float32, into ``out`` when given; types
     without a torch kernel go through gguf-py (on the CPU)."""
-    block, _ = QUANT_SIZES[qtype]
+    block, _ = BLOCK_SIZES[qtype]
     if out is None:
         out = torch.empty(blocks.shape[0], block, dtype=torch.float32, device=blocks.device)
     fn = DEQUANTIZERS.get(qtype)
@@ -149,7 +149,7 @@ class PackedTensor:
         Into new memory, or into ``out`` (this shape, any dtype; float32 work space is then
         taken only where ``out`` is not float32).
         """
-        block, size = QUANT_SIZES[self.qtype]
+        block, size = BLOCK_SIZES[self.qtype]
         blocks = self.blocks.reshape(-1, size)
         if out is not None and out.shape != self.shape:
             raise ValueError(f"out has shape {tuple(out.shape)}, the tensor {tuple(self.shape)}")

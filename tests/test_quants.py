@@ -11,6 +11,7 @@ kernels of ``prebake.formats.quants_jit`` (skipped where numba is not installed)
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from prebake.formats import quants
 from prebake.formats.errors import UnsupportedError
-from prebake.formats.quants import BLOCK_SIZES, QTYPES, dequantize, quantize
+from prebake.formats.ggml_types import BLOCK_SIZES, CODECS
+from prebake.formats.quants import QTYPES, dequantize, quantize
 
 GOLDEN = np.load(Path(__file__).parent / "golden" / "quant_golden.npz")
 SIMPLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -126,8 +128,9 @@ def test_dequantize_equals_gguf_py_on_arbitrary_bytes(qtype):
 
 
 def test_block_sizes_match_gguf():
-    for qtype in QTYPES:
-        assert BLOCK_SIZES[qtype] == gguf.constants.GGML_QUANT_SIZES[GT[qtype]]
+    for gt, sizes in gguf.constants.GGML_QUANT_SIZES.items():  # every type gguf-py knows
+        assert BLOCK_SIZES[gt.name] == sizes, gt.name
+    assert set(QTYPES) <= set(BLOCK_SIZES) and {c.qtype for c in CODECS.values()} == set(QTYPES)
 
 
 # ---------------------------------------------------------------------------- against llama.cpp
@@ -200,7 +203,7 @@ def test_shapes_dtypes_and_chunking(qtype, monkeypatch, backend):
     assert whole.shape == (6, 4 * ts)
     # windows of several rows, and of part of one row
     for chunk in (9, 3):
-        monkeypatch.setattr(quants._CODECS[qtype], "chunk_blocks", chunk)
+        monkeypatch.setattr(CODECS[qtype], "chunk_blocks", chunk)
         np.testing.assert_array_equal(quantize(x, qtype), whole)
         _assert_bits_equal(dequantize(whole, qtype), dequantize(whole, qtype, shape=x.shape))
     np.testing.assert_array_equal(quantize(x.reshape(2, 3, -1), qtype), whole.reshape(2, 3, -1))
@@ -217,6 +220,66 @@ def test_round_trip_error_is_small(qtype, backend):
     x = _rows(8, 16, 1024)
     err = np.abs(dequantize(quantize(x, qtype), qtype) - x).max()
     assert err < {"Q8_0": 0.03, "Q6_K": 0.1, "Q5_0": 0.2, "Q5_1": 0.2}.get(qtype, 0.5)
+
+
+# ---------------------------------------------------------------------------- layering
+
+
+GGML_MODULES = {"ggml_types", "quants", "quants_legacy", "quants_k", "quants_jit", "quants_k_jit",
+                "jit_bits"}
+
+
+def _formats_imports() -> dict[str, set[str]]:
+    """Module -> the ``formats`` modules it imports, at module level or inside functions.
+
+    The GGML modules import no private (``_name``) names from each other.
+    """
+    root = Path(__file__).resolve().parents[1] / "formats"
+    names = {p.stem for p in root.glob("*.py")}
+    assert names >= GGML_MODULES
+    graph, private = {}, []
+    for name in names:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                parts = (node.module or "").split(".")
+                if node.level == 1 and not node.module:  # from . import x, y
+                    targets = [a.name for a in node.names]
+                elif node.level == 1 or parts[:2] == ["prebake", "formats"]:
+                    targets = [parts[-1]]
+                else:
+                    continue
+                graph[name] |= {t for t in targets if t in names}
+                if name in GGML_MODULES:
+                    private += [f"{name}: {a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Import):
+                imported = (a.name.split(".") for a in node.names)
+                graph[name] |= {p[2] for p in imported if p[:2] == ["prebake", "formats"] and len(p) > 2}
+    assert not private, f"private names imported across modules: {private}"
+    return graph
+
+
+def test_formats_import_graph_has_no_cycles():
+    graph = _formats_imports()
+    assert "quants_k" in graph["quants"] and "ggml_types" in graph["quants_k"]  # the parser sees both kinds
+    assert "quants_jit" in graph["quants"]  # function-level ones too
+    done, path = set(), []
+
+    def visit(m: str) -> None:
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(m):], m]))
+        if m in done:
+            return
+        path.append(m)
+        for dep in sorted(graph[m]):
+            visit(dep)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    assert graph["ggml_types"] <= {"errors"}  # the base of the codecs imports none of them
 
 
 # ---------------------------------------------------------------------------- numba backend

@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterator  # noqa: E402
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 from prebake.formats import quants  # noqa: E402
-from prebake.formats.quants import BLOCK_SIZES, QTYPES, dequantize, quantize  # noqa: E402
+from prebake.formats.ggml_types import BLOCK_SIZES  # noqa: E402
+from prebake.formats.quants import QTYPES, dequantize, quantize  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], repeat: int) -> float:
