@@ -66,10 +66,11 @@ CODECS: dict[str, type[BlockCodec]] = {}
 
 
 class BlockCodec:
-    """One GGML block format's codec, registered by ``qtype`` (gguf-py's ``__Quant`` shape).
+    """One GGML block format's quantizer, registered by ``qtype`` (gguf-py's ``__Quant`` shape).
 
-    Subclasses implement ``quantize_blocks`` and ``dequantize_blocks`` over a whole chunk of
-    blocks with numpy and write into a preallocated output, so the driver never concatenates.
+    A subclass implements ``quantize_blocks`` over a whole chunk of blocks with numpy and writes
+    into a preallocated output, so the driver never concatenates. Decoding is one function for
+    every type, :func:`prebake.formats.quants.dequantize`.
     """
 
     qtype: str
@@ -89,11 +90,6 @@ class BlockCodec:
     def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
         """Write blocks ``x`` (n, block_size) float32 into ``out`` (n, type_size) uint8."""
         raise NotImplementedError(f"{cls.qtype} cannot quantize")
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        """Write blocks ``blocks`` (n, type_size) uint8 into ``out`` (n, block_size) float32."""
-        raise NotImplementedError(f"{cls.qtype} cannot dequantize")
 
 
 class Scratch:

@@ -6,8 +6,9 @@ for Q4_K/Q6_K) or their numba kernels (:mod:`~prebake.formats.quants_jit`); the 
 codec base are in :mod:`~prebake.formats.ggml_types`. Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 match
 gguf-py's numpy quantizer (``gguf.quants``) byte for byte, which itself follows
 ``quantize_row_*_ref`` in llama.cpp's ``ggml-quants.c``; Q4_K and Q6_K match llama.cpp's
-``quantize_row_q*_K_ref``. Every dequantizer matches ``gguf.quants.dequantize`` bit for bit.
-Each codec works on all blocks of a chunk at once; no Python loop runs per block.
+``quantize_row_q*_K_ref``. :func:`dequantize` runs the torch kernels of
+:mod:`~prebake.formats.ggml_torch` on numpy arrays, equal to ``gguf.quants.dequantize`` bit for
+bit. Each codec works on all blocks of a chunk at once; no Python loop runs per block.
 
 >>> import numpy as np
 >>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
@@ -20,14 +21,16 @@ True
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from . import quants_k, quants_legacy  # noqa: F401  (importing them registers their codecs)
 from .errors import UnsupportedError
-from .ggml_types import BLOCK_SIZES, CODECS, F32, BlockCodec, NonFinite, Scratch
+from .ggml_types import BLOCK_SIZES, CODECS, F32, BlockCodec, NonFinite, Scratch, qtype_name
 
 # the types prebake quantizes to, in GGML's order
 QTYPES: tuple[str, ...] = tuple(q for q in BLOCK_SIZES if q in CODECS)
@@ -67,10 +70,17 @@ def dequantize(blocks: np.ndarray, qtype: str, shape: tuple[int, ...] | None = N
     """Decode GGUF block bytes (..., k * type_size) to float32 (..., k * block_size).
 
     With ``shape`` (the tensor's element shape), ``blocks`` may be flat bytes of any layout and
-    the result takes that shape.
+    the result takes that shape. The torch kernels of :mod:`~prebake.formats.ggml_torch` do the
+    work on a view of ``blocks`` (no copy), bit-equal to ``gguf.quants.dequantize``; a type
+    no one can decode (:func:`can_dequantize`) raises
+    :class:`~prebake.formats.errors.UnsupportedError`.
     """
-    codec = _codec(qtype)
-    bs, ts = codec.block_size, codec.type_size
+    import torch
+
+    from .ggml_torch import dequantize as dequantize_tensor
+
+    name = qtype_name(qtype)
+    bs, ts = BLOCK_SIZES[name]
     raw = np.frombuffer(blocks, np.uint8) if isinstance(blocks, (bytes, bytearray, memoryview)) else blocks
     raw = np.asarray(raw)
     if raw.dtype != np.uint8:
@@ -78,18 +88,38 @@ def dequantize(blocks: np.ndarray, qtype: str, shape: tuple[int, ...] | None = N
     if shape is not None:
         shape = tuple(int(s) for s in shape)
         if not shape or shape[-1] % bs:
-            raise UnsupportedError(f"{codec.qtype} tensor shape {shape} must end in a multiple of {bs}")
+            raise UnsupportedError(f"{name} tensor shape {shape} must end in a multiple of {bs}")
         row_bytes = shape[-1] // bs * ts
         if raw.size != int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes:
-            raise UnsupportedError(f"{raw.size} bytes of {codec.qtype} cannot hold a tensor of shape {shape}")
+            raise UnsupportedError(f"{raw.size} bytes of {name} cannot hold a tensor of shape {shape}")
         raw = raw.reshape(-1, row_bytes)
-    rows = _as_rows(raw, ts, codec.qtype, "bytes per row")
+    rows = _as_rows(raw, ts, name, "bytes per row")
     out = np.empty((rows.shape[0], rows.shape[1] // ts * bs), F32)
-    with np.errstate(all="ignore"):
-        for r, b0, b1 in _windows(rows.shape[0], rows.shape[1] // ts, codec.chunk_blocks):
-            src = np.ascontiguousarray(rows[r, b0 * ts : b1 * ts]).reshape(-1, ts)
-            codec.dequantize_blocks(src, out[r, b0 * bs : b1 * bs].reshape(-1, bs))
+    if rows.strides[-1] != 1 or rows.strides[0] < 0:
+        rows = np.ascontiguousarray(rows)
+    with warnings.catch_warnings():  # a read-only memory map: the kernels only read it
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        view = torch.from_numpy(rows)
+    dequantize_tensor(view, name, out=torch.from_numpy(out))
     return out.reshape(shape) if shape is not None else out.reshape(*raw.shape[:-1], out.shape[-1])
+
+
+@functools.cache
+def can_dequantize(qtype: object) -> bool:
+    """Whether :func:`dequantize` decodes ``qtype``: every type gguf-py decodes.
+
+    prebake's torch kernels cover the common types and gguf-py (the reference they are tested
+    against) the rest; Q8_1, Q8_K and the plain integer types have no decoder.
+    """
+    import gguf
+
+    try:
+        name = qtype_name(qtype)
+        probe = np.zeros((1, BLOCK_SIZES[name][1]), np.uint8)
+        gguf.quants.dequantize(probe, gguf.GGMLQuantizationType[name])
+    except (UnsupportedError, KeyError, NotImplementedError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- driver

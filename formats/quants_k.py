@@ -167,13 +167,6 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     )
 
 
-def _unpack_scales_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
-    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=1)
-    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
-    return sc, mn
-
-
 def _six_bits(values: np.ndarray, peak: np.ndarray) -> np.ndarray:
     """``MIN(63, (uint8_t)nearest_int(inv * v))`` with ``inv = peak > 0 ? 63.f/peak : 0.f``."""
     inv = np.where(peak > 0, F32(63) / peak, F32(0))
@@ -217,16 +210,6 @@ class Q4_K(BlockCodec, qtype="Q4_K"):
             L[:, keep] = np.clip(nearest_int(t), 0, 15)
         q = L.T.reshape(n, 4, 2, 32)
         out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        n = blocks.shape[0]
-        sc, mn = _unpack_scales_k4(blocks[:, 4:16])
-        d = (half_at(blocks, 0) * sc.astype(F32)).reshape(n, 8, 1)
-        dm = (half_at(blocks, 2) * mn.astype(F32)).reshape(n, 8, 1)
-        qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 0x0F).reshape(n, 8, 32).astype(F32)
-        np.subtract(d * q, dm, out=out.reshape(n, 8, 32))
 
 
 
@@ -322,12 +305,3 @@ class Q6_K(BlockCodec, qtype="Q6_K"):
             (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
         ).reshape(n, 64)
         out[dead] = 0
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        n = blocks.shape[0]
-        d = (half_at(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(F32)).reshape(n, 16, 1)
-        ql = blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-        qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-        q = ((ql & 0x0F).reshape(n, 8, 32) | ((qh & 0x03).reshape(n, 8, 32) << 4)).view(np.int8) - np.int8(32)
-        np.multiply(d, q.reshape(n, 16, 16).astype(F32), out=out.reshape(n, 16, 16))

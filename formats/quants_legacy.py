@@ -15,7 +15,6 @@ from .ggml_types import (
     BlockCodec,
     Scratch,
     full,
-    half_at,
     inverse,
     require_finite,
     signed_peak,
@@ -101,18 +100,6 @@ def _fifth_bits(q: np.ndarray) -> np.ndarray:
     return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).T
 
 
-def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-_BIT = np.arange(32, dtype=np.uint32)
-
-
-def _unpack_fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """The 32 high bits of Q5 blocks, bit j of the little-endian uint32 for element j."""
-    return ((np.ascontiguousarray(qh).view("<u4") >> _BIT) & 1).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------- codecs
 # Each quantizer follows its ``quantize_row_*_ref`` / gguf-py twin operation for operation.
 # Q4_0/Q5_0 and Q4_1/Q5_1 differ only in their level count and where the fifth bits go.
@@ -153,11 +140,6 @@ def _store_levels(out: np.ndarray, qs_at: int, q: np.ndarray, ws: Scratch, bits:
         out[:, qs_at - 4 : qs_at] = _fifth_bits(q)
 
 
-def _unpacked_levels(blocks: np.ndarray, qs_at: int, bits: int) -> np.ndarray:
-    q = _unpack_nibbles(blocks[:, qs_at:])
-    return q if bits == 4 else q | (_unpack_fifth_bits(blocks[:, qs_at - 4 : qs_at]) << 4)
-
-
 class Q8_0(BlockCodec, qtype="Q8_0"):
     @classmethod
     def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
@@ -172,40 +154,26 @@ class Q8_0(BlockCodec, qtype="Q8_0"):
         _store_quads(out, 2, _cast(Y, np.int8, ws))
         store_half(out, 0, d)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        np.multiply(blocks[:, 2:].view(np.int8).astype(F32), half_at(blocks, 0), out=out)
-
 
 class Q4_0(BlockCodec, qtype="Q4_0"):
-    bits, qs_at = 4, 2
+    bits = 4
 
     @classmethod
     def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
         _symmetric(x, out, ws, cls.bits)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        q = _unpacked_levels(blocks, cls.qs_at, cls.bits).view(np.int8) - np.int8(1 << (cls.bits - 1))
-        np.multiply(half_at(blocks, 0), q.astype(F32), out=out)
-
 
 class Q5_0(Q4_0, qtype="Q5_0"):
-    bits, qs_at = 5, 6
+    bits = 5
 
 
 class Q4_1(BlockCodec, qtype="Q4_1"):
-    bits, qs_at = 4, 4
+    bits = 4
 
     @classmethod
     def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
         _affine(x, out, ws, cls.bits)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        np.multiply(half_at(blocks, 0), _unpacked_levels(blocks, cls.qs_at, cls.bits).astype(F32), out=out)
-        out += half_at(blocks, 2)
-
 
 class Q5_1(Q4_1, qtype="Q5_1"):
-    bits, qs_at = 5, 8
+    bits = 5
