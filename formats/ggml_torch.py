@@ -4,7 +4,7 @@
 Each kernel follows gguf-py's ``dequantize_blocks`` step for step in float32 (``d * q``, then
 ``+ m`` or ``- dm``; no fused multiply-add), so every value is bit-equal to
 ``gguf.quants.dequantize`` (on the CPU even the NaNs of broken scales; GPUs keep no NaN
-payloads). Types without a kernel here (Q2_K, Q3_K, Q5_K, IQ*, TQ*, MXFP4, ...) go through
+payloads). Types without a kernel here (IQ*, TQ*, MXFP4, ...) go through
 gguf-py itself, on the CPU; types gguf-py cannot decode either (Q8_1, Q8_K, ...) are refused.
 :func:`prebake.formats.quants.dequantize` is the same for numpy arrays.
 """
@@ -64,7 +64,7 @@ def _bits(qh: torch.Tensor, value: int) -> torch.Tensor:
 
 
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8 six-bit scales and mins packed in 12 bytes (Q4_K), as float32 (n, 8)."""
+    """The 8 six-bit scales and mins packed in 12 bytes (Q4_K, Q5_K), as float32 (n, 8)."""
     d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
     sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
     mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
@@ -116,6 +116,27 @@ def _q5_1(b, out):
     _offset_(out.mul_(_f16(b[:, :2])), _f16(b[:, 2:4]), 1)
 
 
+def _q2_k(b, out):
+    n, sc = b.shape[0], b[:, :16]
+    dl = (_f16(b[:, 80:82]) * (sc & 0x0F).float()).reshape(n, 16, 1)
+    ml = (_f16(b[:, 82:84]) * (sc >> 4).float()).reshape(n, 16, 1)
+    q = out.view(n, 16, 16)
+    q.copy_(_crumbs(b[:, 16:80].reshape(n, 2, 1, 32), dim=2).reshape(n, 16, 16))
+    _offset_(q.mul_(dl), ml, -1)
+
+
+def _q3_k(b, out):
+    n, sc = b.shape[0], b[:, 96:108]
+    scales = _nibbles(sc[:, :8]).bitwise_or_(_crumbs(sc[:, 8:12], dim=1) << 4)
+    dl = (_f16(b[:, 108:110]) * scales.view(torch.int8).sub_(32).float()).reshape(n, 16, 1)
+    low = _crumbs(b[:, 32:96].reshape(n, 2, 1, 32), dim=2).reshape(n, 16, 16)
+    # a clear bit of the high mask subtracts 4 ("the offset is zero when the bitmask is 1")
+    minus = _bits(b[:, :32], 4).transpose(1, 2).reshape(n, 16, 16).bitwise_xor_(4)
+    q = out.view(n, 16, 16)
+    q.copy_(low.view(torch.int8).sub_(minus.view(torch.int8)))
+    q.mul_(dl)
+
+
 def _q4_k(b, out):
     n = b.shape[0]
     sc, mn = _scale_min_k4(b[:, 4:16])
@@ -123,6 +144,18 @@ def _q4_k(b, out):
     dm = (_f16(b[:, 2:4]) * mn).reshape(n, 8, 1)
     q = out.view(n, 8, 32)
     q.copy_(_nibbles(b[:, 16:].reshape(n, 4, 1, 32), dim=2).reshape(n, 8, 32))
+    _offset_(q.mul_(d), dm, -1)
+
+
+def _q5_k(b, out):
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b[:, :2]) * sc).reshape(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mn).reshape(n, 8, 1)
+    levels = _nibbles(b[:, 48:].reshape(n, 4, 1, 32), dim=2).reshape(n, 8, 32)
+    high = _bits(b[:, 16:48], 16).transpose(1, 2)  # bit j of qh[i]: the fifth bit of value 32j + i
+    q = out.view(n, 8, 32)
+    q.copy_(levels.bitwise_or_(high))
     _offset_(q.mul_(d), dm, -1)
 
 
@@ -139,7 +172,7 @@ def _q6_k(b, out):
 
 DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-    "Q4_K": _q4_k, "Q6_K": _q6_k,
+    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 
 

@@ -87,8 +87,8 @@ def _assert_bits_equal(a: np.ndarray, b: np.ndarray) -> None:
 
 # every type with a decoder (torch kernel or gguf-py's), and the fp16 scale fields of those with a kernel
 DECODABLE = [q for q in BLOCK_SIZES if can_dequantize(q)]
-SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
-                "Q6_K": (208,)}
+SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 # fp16 bits: signed zeros, subnormals, the smallest normal, +-1, 1/3, +-max, +-inf, quiet NaNs, a signaling NaN
 EDGE_HALVES = np.array([0x0000, 0x8000, 0x0001, 0x83FF, 0x0400, 0x3C00, 0xBC00, 0x3555, 0x7BFF, 0xFBFF, 0x7C00,
                         0xFC00, 0x7E00, 0xFE00, 0x7C01], np.uint16)
@@ -248,8 +248,9 @@ def _edge_blocks(qtype: str, seed: int) -> np.ndarray:
     for i, (a, b) in enumerate(np.ndindex(len(EDGE_HALVES), len(EDGE_HALVES))):
         for at, v in zip(fields, (EDGE_HALVES[a], EDGE_HALVES[b]), strict=False):
             raw[3 * i : 3 * i + 3, at : at + 2] = np.frombuffer(v.tobytes(), np.uint8)
-    if qtype == "Q6_K":  # signed sub-block scales: the extremes too
-        half = raw[: len(raw) // 2, 192:208]
+    if qtype in ("Q3_K", "Q6_K"):  # signed sub-block scales: the extremes too
+        sc = slice(96, 108) if qtype == "Q3_K" else slice(192, 208)
+        half = raw[: len(raw) // 2, sc]
         half[...] = rng.choice(np.array([0x00, 0x80, 0x7F, 0xFF], np.uint8), half.shape)
     return raw
 
@@ -269,7 +270,7 @@ def test_torch_kernels_equal_gguf_py_on_edge_scales(qtype):
     _assert_bits_equal(got.numpy(), ref)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q8_0"])
 def test_torch_dequantize_layouts_windows_and_out(qtype, monkeypatch):
     bs, ts = BLOCK_SIZES[qtype]
     raw = _edge_blocks(qtype, 12)[: 6 * 8].reshape(6, 8 * ts)
