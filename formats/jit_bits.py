@@ -22,14 +22,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-_F32 = np.float32
-ZERO = _F32(0)
-ONE = _F32(1)
-HALF_BELOW = np.nextafter(_F32(0.5), _F32(0))  # roundf(v) == trunc(v + copysign(this, v))
-FLT_MAX = _F32(np.finfo(np.float32).max)
-MAGIC = _F32(12582912)  # 1.5 * 2**23, nearest_int's rounding constant
-GROUP_MAX_EPS = _F32(1e-15)
-SUBNORMAL_UNIT = _F32(2.0**-24)  # value of the lowest fp16 mantissa bit below the normals
+from .ggml_types import F32, MAGIC
+
+ZERO = F32(0)
+ONE = F32(1)
+FLT_MAX = F32(np.finfo(np.float32).max)
+SUBNORMAL_UNIT = F32(2.0**-24)  # value of the lowest fp16 mantissa bit below the normals
 INT32_LO, INT32_HI = -2147483649.0, 2147483648.0  # open range that converts to int32
 ZERO32 = np.int32(0)
 NONE32 = np.int32(-1)
@@ -120,7 +118,7 @@ def half_value(h):
     e = (h >> 10) & 0x1F
     m = h & 0x3FF
     if e == 0:
-        v = _F32(m) * SUBNORMAL_UNIT
+        v = F32(m) * SUBNORMAL_UNIT
         return -v if sgn else v
     if e == 31:
         return from_bits(sgn | 0x7F800000 | (m << 13))

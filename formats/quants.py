@@ -1,15 +1,14 @@
-"""GGML block quantization: one codec per block type, bit-exact with the references.
+"""GGML block quantization: quantize to and dequantize from GGUF's block bytes.
 
-Each codec turns float32 rows into GGUF's block bytes and back. Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
-match gguf-py's numpy quantizer (``gguf.quants``) byte for byte, which itself follows
-``quantize_row_*_ref`` in llama.cpp's ``ggml-quants.c``; the codecs live in
-:mod:`~prebake.formats.quants_legacy` (32-value blocks) and :mod:`~prebake.formats.quants_k`
-(Q4_K, Q6_K), which match llama.cpp's ``quantize_row_q*_K_ref``. Every
-dequantizer matches ``gguf.quants.dequantize`` bit for bit.
-
-Bit-exactness means doing the references' float32 operations in the references' order: no
-float64, no fused multiply-add, no reassociated sums. Each codec works on all blocks of a chunk
-at once with numpy; no Python loop runs per block.
+This is the driver: :func:`quantize` cuts rows into chunks for the numpy codecs
+(:mod:`~prebake.formats.quants_legacy` for the 32-value types, :mod:`~prebake.formats.quants_k`
+for Q4_K/Q6_K) or their numba kernels (:mod:`~prebake.formats.quants_jit`); the sizes and the
+codec base are in :mod:`~prebake.formats.ggml_types`. Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 match
+gguf-py's numpy quantizer (``gguf.quants``) byte for byte, which itself follows
+``quantize_row_*_ref`` in llama.cpp's ``ggml-quants.c``; Q4_K and Q6_K match llama.cpp's
+``quantize_row_q*_K_ref``. :func:`dequantize` runs the torch kernels of
+:mod:`~prebake.formats.ggml_torch` on numpy arrays, equal to ``gguf.quants.dequantize`` bit for
+bit. Each codec works on all blocks of a chunk at once; no Python loop runs per block.
 
 >>> import numpy as np
 >>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
@@ -23,98 +22,18 @@ True
 from __future__ import annotations
 
 import functools
-import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from . import quants_k, quants_legacy  # noqa: F401  (importing them registers their codecs)
 from .errors import UnsupportedError
+from .ggml_types import BLOCK_SIZES, CODECS, F32, BlockCodec, NonFinite, Scratch, qtype_name
 
-# elements per block, bytes per block (ggml-common.h)
-BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    "Q8_0": (32, 34),
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "Q5_0": (32, 22),
-    "Q5_1": (32, 24),
-    "Q4_K": (256, 144),
-    "Q6_K": (256, 210),
-}
-QTYPES: tuple[str, ...] = tuple(BLOCK_SIZES)
-
-_F32 = np.float32
-
-_CODECS: dict[str, type[BlockCodec]] = {}
-
-
-class _NonFinite(Exception):
-    """Raised inside a codec when a block holds NaN or infinity; the driver reports where."""
-
-
-class BlockCodec:
-    """One GGML block format, registered by ``qtype`` (the shape of gguf-py's ``__Quant``).
-
-    Subclasses implement ``quantize_blocks`` and ``dequantize_blocks`` over a whole chunk of
-    blocks with numpy and write into a preallocated output, so the driver never concatenates.
-    """
-
-    qtype: str
-    block_size: int
-    type_size: int
-    # blocks per codec call: bounds memory (~1 MiB of float32 input at a time) while keeping
-    # numpy's per-call overhead small next to the work
-    chunk_blocks: int = 8192
-
-    def __init_subclass__(cls, qtype: str, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.qtype = qtype
-        cls.block_size, cls.type_size = BLOCK_SIZES[qtype]
-        _CODECS[qtype] = cls
-
-    @classmethod
-    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
-        """Write blocks ``x`` (n, block_size) float32 into ``out`` (n, type_size) uint8."""
-        raise NotImplementedError(f"{cls.qtype} cannot quantize")
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        """Write blocks ``blocks`` (n, type_size) uint8 into ``out`` (n, block_size) float32."""
-        raise NotImplementedError(f"{cls.qtype} cannot dequantize")
-
-
-class Scratch:
-    """Named work arrays, reused across the chunks of one call.
-
-    A fresh multi-MiB temporary per chunk goes back to the OS when freed and faults its pages in
-    again on the next chunk, which costs more than the arithmetic on it. The arrays are
-    page-aligned: arrays at arbitrary offsets from each other modulo 4 KiB can hit 4K-aliasing
-    stalls that make one pass several times slower.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
-        self._views: dict[tuple[str, tuple[int, ...], type], np.ndarray] = {}
-
-    def __call__(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-        key = (name, shape, dtype)
-        view = self._views.get(key)
-        if view is None:
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-            buf = self._buffers.get(name)
-            if buf is None or buf.size < nbytes:
-                raw = np.empty(nbytes + 4096, np.uint8)
-                start = -raw.ctypes.data % 4096
-                buf = self._buffers[name] = raw[start : start + nbytes]
-                self._views = {k: v for k, v in self._views.items() if k[0] != name}
-            view = self._views[key] = buf[:nbytes].view(dtype).reshape(shape)
-        return view
-
-    def copy(self, name: str, values: np.ndarray) -> np.ndarray:
-        """``values`` copied to a page-aligned work array, ready to broadcast against others."""
-        out = self(name, values.shape, values.dtype.type)
-        np.copyto(out, values)
-        return out
+# the types prebake quantizes to, in GGML's order
+QTYPES: tuple[str, ...] = tuple(q for q in BLOCK_SIZES if q in CODECS)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -137,14 +56,12 @@ def quantize(data: np.ndarray, qtype: str) -> np.ndarray:
     # overflow and invalid operations inside a block are the reference's own arithmetic
     with np.errstate(all="ignore"):
         for r, b0, b1 in _windows(rows.shape[0], rows.shape[1] // bs, codec.chunk_blocks):
-            x = np.ascontiguousarray(rows[r, b0 * bs : b1 * bs], dtype=_F32).reshape(-1, bs)
+            x = np.ascontiguousarray(rows[r, b0 * bs : b1 * bs], dtype=F32).reshape(-1, bs)
             dst = out[r, b0 * ts : b1 * ts].reshape(-1, ts)
             try:
-                if jit is not None:
-                    jit(x, dst)
-                else:
+                if jit is None or not jit(x, dst):
                     codec.quantize_blocks(x, dst, ws)
-            except _NonFinite:
+            except NonFinite:
                 raise _non_finite_error(x, codec.qtype, r.start, b0 * bs, (b1 - b0) * bs) from None
     return out.reshape(*data.shape[:-1], out.shape[-1])
 
@@ -153,10 +70,17 @@ def dequantize(blocks: np.ndarray, qtype: str, shape: tuple[int, ...] | None = N
     """Decode GGUF block bytes (..., k * type_size) to float32 (..., k * block_size).
 
     With ``shape`` (the tensor's element shape), ``blocks`` may be flat bytes of any layout and
-    the result takes that shape.
+    the result takes that shape. The torch kernels of :mod:`~prebake.formats.ggml_torch` do the
+    work on a view of ``blocks`` (no copy), bit-equal to ``gguf.quants.dequantize``; a type
+    no one can decode (:func:`can_dequantize`) raises
+    :class:`~prebake.formats.errors.UnsupportedError`.
     """
-    codec = _codec(qtype)
-    bs, ts = codec.block_size, codec.type_size
+    import torch
+
+    from .ggml_torch import dequantize as dequantize_tensor
+
+    name = qtype_name(qtype)
+    bs, ts = BLOCK_SIZES[name]
     raw = np.frombuffer(blocks, np.uint8) if isinstance(blocks, (bytes, bytearray, memoryview)) else blocks
     raw = np.asarray(raw)
     if raw.dtype != np.uint8:
@@ -164,27 +88,47 @@ def dequantize(blocks: np.ndarray, qtype: str, shape: tuple[int, ...] | None = N
     if shape is not None:
         shape = tuple(int(s) for s in shape)
         if not shape or shape[-1] % bs:
-            raise UnsupportedError(f"{codec.qtype} tensor shape {shape} must end in a multiple of {bs}")
+            raise UnsupportedError(f"{name} tensor shape {shape} must end in a multiple of {bs}")
         row_bytes = shape[-1] // bs * ts
         if raw.size != int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes:
-            raise UnsupportedError(f"{raw.size} bytes of {codec.qtype} cannot hold a tensor of shape {shape}")
+            raise UnsupportedError(f"{raw.size} bytes of {name} cannot hold a tensor of shape {shape}")
         raw = raw.reshape(-1, row_bytes)
-    rows = _as_rows(raw, ts, codec.qtype, "bytes per row")
-    out = np.empty((rows.shape[0], rows.shape[1] // ts * bs), _F32)
-    with np.errstate(all="ignore"):
-        for r, b0, b1 in _windows(rows.shape[0], rows.shape[1] // ts, codec.chunk_blocks):
-            src = np.ascontiguousarray(rows[r, b0 * ts : b1 * ts]).reshape(-1, ts)
-            codec.dequantize_blocks(src, out[r, b0 * bs : b1 * bs].reshape(-1, bs))
+    rows = _as_rows(raw, ts, name, "bytes per row")
+    out = np.empty((rows.shape[0], rows.shape[1] // ts * bs), F32)
+    if rows.strides[-1] != 1 or rows.strides[0] < 0:
+        rows = np.ascontiguousarray(rows)
+    with warnings.catch_warnings():  # a read-only memory map: the kernels only read it
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        view = torch.from_numpy(rows)
+    dequantize_tensor(view, name, out=torch.from_numpy(out))
     return out.reshape(shape) if shape is not None else out.reshape(*raw.shape[:-1], out.shape[-1])
+
+
+@functools.cache
+def can_dequantize(qtype: object) -> bool:
+    """Whether :func:`dequantize` decodes ``qtype``: every type gguf-py decodes.
+
+    prebake's torch kernels cover the common types and gguf-py (the reference they are tested
+    against) the rest; Q8_1, Q8_K and the plain integer types have no decoder.
+    """
+    import gguf
+
+    try:
+        name = qtype_name(qtype)
+        probe = np.zeros((1, BLOCK_SIZES[name][1]), np.uint8)
+        gguf.quants.dequantize(probe, gguf.GGMLQuantizationType[name])
+    except (UnsupportedError, KeyError, NotImplementedError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- driver
 
 
-_jit_kernels: dict[str, Callable[[np.ndarray, np.ndarray], None]] | None = None
+_jit_kernels: dict[str, Callable[[np.ndarray, np.ndarray], bool]] | None = None
 
 
-def jit_quantizer(qtype: str) -> Callable[[np.ndarray, np.ndarray], None] | None:
+def jit_quantizer(qtype: str) -> Callable[[np.ndarray, np.ndarray], bool] | None:
     """The numba kernel for ``qtype`` (:mod:`~prebake.formats.quants_jit`), or None.
 
     None where numba is not installed, the type has no kernel, or ``PREBAKE_NO_JIT`` is set to
@@ -205,9 +149,11 @@ def jit_quantizer(qtype: str) -> Callable[[np.ndarray, np.ndarray], None] | None
 
 def _codec(qtype: object) -> type[BlockCodec]:
     name = str(getattr(qtype, "name", qtype)).upper()
-    codec = _CODECS.get(name)
+    codec = CODECS.get(name)
     if codec is None:
-        raise UnsupportedError(f"unknown GGML quantization type {qtype!r}; known: {', '.join(QTYPES)}")
+        known = "" if name in BLOCK_SIZES else "unknown "
+        raise UnsupportedError(f"cannot quantize to {known}GGML quantization type {qtype!r}; "
+                               f"prebake quantizes to {', '.join(QTYPES)}")
     return codec
 
 
@@ -244,53 +190,3 @@ def _non_finite_error(x: np.ndarray, qtype: str, row0: int, col0: int, width: in
         f"cannot quantize to {qtype}: value {x.flat[flat]} at row {row}, column {col}; "
         "GGML blocks hold only finite numbers"
     )
-
-
-# ---------------------------------------------------------------------------- shared pieces
-
-
-def require_finite(*stats: np.ndarray) -> None:
-    """Per-block maxima/minima carry any NaN or infinity of their block; refuse those."""
-    for s in stats:
-        if not np.isfinite(s).all():
-            raise _NonFinite
-
-
-def half_at(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """The fp16 field at byte ``offset`` of each block, as float32 (n, 1)."""
-    return np.ascontiguousarray(blocks[:, offset : offset + 2]).view(np.float16).astype(_F32)
-
-
-def inverse(d: np.ndarray) -> np.ndarray:
-    """``d ? 1.0f/d : 0.0f`` per block."""
-    return np.where(d == 0, _F32(0), _F32(1) / d)
-
-
-def full(shape: tuple[int, ...], value: float, dtype: type) -> np.ndarray:
-    """A cached constant array: np.minimum/np.maximum against a scalar are ~5x slower."""
-    return _full(tuple(shape), value, np.dtype(dtype).str)
-
-
-@functools.lru_cache(maxsize=32)
-def _full(shape: tuple[int, ...], value: float, dtype: str) -> np.ndarray:
-    a = np.full(shape, value, dtype)
-    a.flags.writeable = False
-    return a
-
-
-def store_half(out: np.ndarray, offset: int, v: np.ndarray) -> None:
-    """Write float32 ``v`` as the fp16 field at byte ``offset`` of each block (round to even)."""
-    out.view(np.uint16)[:, offset // 2] = v.astype(np.float16).view(np.uint16)
-
-
-def signed_peak(x: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    """Per block, the first value of largest magnitude (ggml's ``amax``/``max`` loop)."""
-    peak = np.where(hi > -lo, hi, lo)
-    tie = hi == -lo  # +a and -a both present, or an all-zero block: the first one wins
-    if tie.any():
-        t = x[tie]
-        peak[tie] = t[np.arange(t.shape[0]), np.abs(t).argmax(axis=1)]
-    return peak
-
-
-from . import quants_k, quants_legacy  # noqa: E402,F401  (register the codecs)

@@ -1,7 +1,7 @@
 """Optional numba kernels for the block quantizers, byte-identical to the numpy codecs.
 
 :func:`prebake.formats.quants.quantize` uses these when numba imports and ``PREBAKE_NO_JIT`` is
-unset; otherwise the numpy codecs in :mod:`~prebake.formats.quants` and
+unset; otherwise the numpy codecs in :mod:`~prebake.formats.quants_legacy` and
 :mod:`~prebake.formats.quants_k` run. This module holds the 32-value types and the registry;
 Q4_K/Q6_K live in :mod:`~prebake.formats.quants_k_jit` and the exactness conventions in
 :mod:`~prebake.formats.jit_bits`.
@@ -10,7 +10,7 @@ A kernel returns ``-1`` when its chunk is done, the index of a block holding NaN
 (the driver then reports the value, as for the numpy codecs), or ``-2`` when a block needs a
 choice only numpy's own reduction can make: Q4_1/Q5_1 store the block minimum, and numpy's
 ``min`` picks the sign of a zero minimum among blocks holding both +0.0 and -0.0 by its SIMD
-reduction order. Such chunks are handed to the numpy codec as a whole.
+reduction order. Such chunks are handed back to the driver, which gives them to the numpy codec.
 
 Speed: the loops inside a block run to ``n = x.shape[1]`` (32) read at run time. With a
 constant bound LLVM unrolls them fully and leaves the reductions scalar; with an unknown one
@@ -24,10 +24,9 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
+from .ggml_types import F32, HALF_BELOW, NonFinite
 from .jit_bits import (
-    _F32,
     AMBIGUOUS,
-    HALF_BELOW,
     INF_BITS,
     JIT,
     NONE32,
@@ -45,7 +44,6 @@ from .jit_bits import (
     store_half_at,
     unkey,
 )
-from .quants import _CODECS, Scratch, _NonFinite
 from .quants_k_jit import q4_k, q6_k
 
 
@@ -140,7 +138,7 @@ def _q8_0(x, out):
         top = _top(x, b, n)
         if top >= INF_BITS:
             return b
-        d = from_bits(top) / _F32(127)
+        d = from_bits(top) / F32(127)
         iscale = inverse(d)  # inf gives inf/NaN below: byte 0, as gguf-py's NaN
         for i in range(n):
             t = x[b, i] * iscale
@@ -185,9 +183,9 @@ def _affine(x, out, div, five):
         iscale = inverse(d)
         bounded = span - span == ZERO and iscale - iscale == ZERO
         if five:
-            _nibbles5(x, b, out, lo, iscale, _F32(0.5), 4, n // 2, bounded)
+            _nibbles5(x, b, out, lo, iscale, F32(0.5), 4, n // 2, bounded)
         else:
-            _nibbles(x, b, out, lo, iscale, _F32(0.5), 4, n // 2, bounded)
+            _nibbles(x, b, out, lo, iscale, F32(0.5), 4, n // 2, bounded)
         store_half_at(out, b, 0, half_bits(d))
         store_half_at(out, b, 2, half_bits(lo))
     return status
@@ -195,22 +193,22 @@ def _affine(x, out, div, five):
 
 @njit(**JIT)
 def _q4_0(x, out):
-    return _symmetric(x, out, _F32(-8), _F32(8.5), False)
+    return _symmetric(x, out, F32(-8), F32(8.5), False)
 
 
 @njit(**JIT)
 def _q5_0(x, out):
-    return _symmetric(x, out, _F32(-16), _F32(16.5), True)
+    return _symmetric(x, out, F32(-16), F32(16.5), True)
 
 
 @njit(**JIT)
 def _q4_1(x, out):
-    return _affine(x, out, _F32(15), False)
+    return _affine(x, out, F32(15), False)
 
 
 @njit(**JIT)
 def _q5_1(x, out):
-    return _affine(x, out, _F32(31), True)
+    return _affine(x, out, F32(31), True)
 
 
 # ---------------------------------------------------------------------------- driver glue
@@ -226,19 +224,20 @@ _KERNELS = {
 }
 
 
-def _wrap(qtype: str, kernel) -> Callable[[np.ndarray, np.ndarray], None]:
-    codec = _CODECS[qtype]
+def _wrap(qtype: str, kernel) -> Callable[[np.ndarray, np.ndarray], bool]:
+    def quantize_blocks(x: np.ndarray, out: np.ndarray) -> bool:
+        """Blocks ``x`` (n, block_size) float32 into ``out`` (n, type_size) uint8, in place.
 
-    def quantize_blocks(x: np.ndarray, out: np.ndarray) -> None:
-        """Blocks ``x`` (n, block_size) float32 into ``out`` (n, type_size) uint8, in place."""
+        False where the numpy codec has to do this chunk instead (see this module's docstring);
+        :class:`~prebake.formats.ggml_types.NonFinite` where a block holds NaN or infinity.
+        """
         status = kernel(x, out)
-        if status == AMBIGUOUS:
-            codec.quantize_blocks(x, out, Scratch())
-        elif status != OK:
-            raise _NonFinite
+        if status >= 0:
+            raise NonFinite
+        return status == OK
 
     quantize_blocks.__qualname__ = quantize_blocks.__name__ = f"jit_{qtype}"
     return quantize_blocks
 
 
-KERNELS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {q: _wrap(q, k) for q, k in _KERNELS.items()}
+KERNELS: dict[str, Callable[[np.ndarray, np.ndarray], bool]] = {q: _wrap(q, k) for q, k in _KERNELS.items()}

@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quants import BlockCodec, Scratch, full, half_at, require_finite, signed_peak, store_half
+from .ggml_types import (
+    F32,
+    MAGIC,
+    BlockCodec,
+    Scratch,
+    full,
+    half_at,
+    require_finite,
+    signed_peak,
+    store_half,
+)
 
-_F32 = np.float32
-_MAGIC = _F32(12582912)  # 1.5 * 2**23, nearest_int's rounding constant
-_GROUP_MAX_EPS = _F32(1e-15)
-_RINT_SAFE = _F32(2**21)  # below this magnitude np.rint is nearest_int
-
+# The K-quant constants, shared with the numba kernels (:mod:`~prebake.formats.quants_k_jit`).
+GROUP_MAX_EPS = F32(1e-15)  # a sub-block or super-block whose peak is below this stays zero
 # candidate inverse-scale numerators, in float32 as the C expressions compute them
-_QKX2_STEPS = [(_F32(-1) + _F32(0.1) * _F32(i)) + _F32(15) for i in range(21)]  # rmin + rdelta*is + nmax
+# (rmin + rdelta*is) + nmax
+QKX2_STEPS = np.array([(F32(-1) + F32(0.1) * F32(i)) + F32(15) for i in range(21)], F32)
 # -nmax, then -(nmax + 0.1f*is) for is = -9..9 except 0 (the C loop's order)
-_QX_NUMS = np.array([_F32(-32)] + [-(_F32(32) + _F32(0.1) * _F32(i)) for i in range(-9, 10) if i], _F32)
+QX_NUMS = np.array([F32(-32)] + [-(F32(32) + F32(0.1) * F32(i)) for i in range(-9, 10) if i], F32)
 # |x| <= |peak| bounds |rint(iscale*x)| by |num| rounded: candidates up to 31.4 need no clamp
 # to [-32, 31], those below 32.5 only the clamp at 31 (rounded in this order, then put back)
 _QX_GROUPS = [(None, None, [1, 2, 3, 4]), (None, 31, [0, *range(5, 14)]), (-32, 31, list(range(14, 19)))]
@@ -35,12 +43,12 @@ _QX_GROUPS = [(None, None, [1, 2, 3, 4]), (None, 31, [0, *range(5, 14)]), (-32, 
 
 def nearest_int(t: np.ndarray) -> np.ndarray:
     """llama.cpp's ``nearest_int`` bit for bit (round half to even; odd values for |t| >= 2**22)."""
-    return ((t + _MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
+    return ((t + MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
 
 
 def _clamp(L: np.ndarray, lo: float, hi: float) -> None:
-    np.maximum(L, full(L.shape[-2:], lo, _F32), out=L)
-    np.minimum(L, full(L.shape[-2:], hi, _F32), out=L)
+    np.maximum(L, full(L.shape[-2:], lo, F32), out=L)
+    np.minimum(L, full(L.shape[-2:], hi, F32), out=L)
 
 
 # ---------------------------------------------------------------------------- Q4_K
@@ -57,7 +65,7 @@ class _Bounds:
     def __init__(self, shift: np.ndarray, span: np.ndarray, x_lo: np.ndarray) -> None:
         below = shift - x_lo  # > 0 where the min is above the column's smallest value
         self.clamp_low = bool((below > 0).any())
-        ok = (span > _F32(1e-30)) & (span < _F32(3e38)) & (below < span * _F32(2**16))
+        ok = (span > F32(1e-30)) & (span < F32(3e38)) & (below < span * F32(2**16))
         self.exact = not bool(ok.all())
 
 
@@ -70,9 +78,9 @@ def _qkx2_levels(L, X, shift, iscale, bounds: _Bounds, num: float, ws: Scratch) 
         return
     np.rint(L, out=L)
     if bounds.clamp_low:
-        np.maximum(L, full(L.shape, 0, _F32), out=L)
+        np.maximum(L, full(L.shape, 0, F32), out=L)
     if num > 15.4:
-        np.minimum(L, full(L.shape, 15, _F32), out=L)
+        np.minimum(L, full(L.shape, 15, F32), out=L)
 
 
 def _weighted_sq_error(scale, L, shift, X, W, P, ws: Scratch) -> np.ndarray:
@@ -97,9 +105,9 @@ def _qkx2_search(X, W, x_lo, x_hi, ws: Scratch):
     ``MAX(0, MIN(15, nearest_int(iscale*(x - shift))))``.
     """
     m = X.shape[1]
-    lo = np.minimum(x_lo, _F32(0))
+    lo = np.minimum(x_lo, F32(0))
     flat = x_hi == lo  # the C code returns early: scale 0, levels 0
-    hi = np.where(flat, _F32(1), x_hi)  # flat columns: x - min == 0, so levels stay 0
+    hi = np.where(flat, F32(1), x_hi)  # flat columns: x - min == 0, so levels stay 0
     L, WL, P = ws("qkx2_L", X.shape), ws("qkx2_WL", X.shape), ws("qkx2_P", X.shape)
     sum_w = np.add.reduce(W, axis=0)
     np.multiply(W, X, out=P)
@@ -107,17 +115,17 @@ def _qkx2_search(X, W, x_lo, x_hi, ws: Scratch):
 
     # candidate 0 is the initial guess; the C loop's candidates follow. Their iscale, min and
     # scale are kept per column so that only the choice has to be tracked.
-    n = len(_QKX2_STEPS) + 1
-    iscales, shifts, scales = np.empty((n, m), _F32), np.empty((n, m), _F32), np.empty((n, m), _F32)
+    n = len(QKX2_STEPS) + 1
+    iscales, shifts, scales = np.empty((n, m), F32), np.empty((n, m), F32), np.empty((n, m), F32)
     cur = shifts[0] = lo
     span = hi - cur
     bounds = _Bounds(cur, span, x_lo)
-    np.divide(_F32(15), span, out=iscales[0])
-    np.divide(_F32(1), iscales[0], out=scales[0])
+    np.divide(F32(15), span, out=iscales[0])
+    np.divide(F32(1), iscales[0], out=scales[0])
     _qkx2_levels(L, X, cur, iscales[0], bounds, 15.0, ws)
     best = _weighted_sq_error(scales[0], L, cur, X, W, P, ws).copy()
     choice = np.zeros(m, np.intp)
-    for s, num in enumerate(_QKX2_STEPS, start=1):
+    for s, num in enumerate(QKX2_STEPS, start=1):
         shifts[s] = cur
         iscale = np.divide(num, span, out=iscales[s])
         _qkx2_levels(L, X, cur, iscale, bounds, num, ws)
@@ -143,7 +151,7 @@ def _qkx2_search(X, W, x_lo, x_hi, ws: Scratch):
             span = hi - cur
             bounds = _Bounds(cur, span, x_lo)
     cols = np.arange(m)
-    scale = np.where(flat, _F32(0), scales[choice, cols])
+    scale = np.where(flat, F32(0), scales[choice, cols])
     return scale, -cur, iscales[choice, cols], shifts[choice, cols]
 
 
@@ -159,16 +167,9 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     )
 
 
-def _unpack_scales_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
-    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=1)
-    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
-    return sc, mn
-
-
 def _six_bits(values: np.ndarray, peak: np.ndarray) -> np.ndarray:
     """``MIN(63, (uint8_t)nearest_int(inv * v))`` with ``inv = peak > 0 ? 63.f/peak : 0.f``."""
-    inv = np.where(peak > 0, _F32(63) / peak, _F32(0))
+    inv = np.where(peak > 0, F32(63) / peak, F32(0))
     return np.minimum(nearest_int(inv[:, None] * values) & 0xFF, 63).astype(np.uint8)
 
 
@@ -184,22 +185,22 @@ class Q4_K(BlockCodec, qtype="Q4_K"):
         require_finite(x_lo, x_hi)
         W = ws("W", X.shape)
         np.multiply(X, X, out=W)
-        av_x = np.sqrt(np.add.reduce(W, axis=0) / _F32(32))
+        av_x = np.sqrt(np.add.reduce(W, axis=0) / F32(32))
         np.abs(X, out=W)
         W += av_x
         scale, the_min, iscale, shift = _qkx2_search(X, W, x_lo, x_hi, ws)
         scales, mins = scale.reshape(n, 8), the_min.reshape(n, 8)
 
         # `if (scale > max_scale)` from 0: NaN and negatives never win
-        max_scale = np.where(scales > 0, scales, _F32(0)).max(axis=1)
-        max_min = np.where(mins > 0, mins, _F32(0)).max(axis=1)
+        max_scale = np.where(scales > 0, scales, F32(0)).max(axis=1)
+        max_min = np.where(mins > 0, mins, F32(0)).max(axis=1)
         ls, lm = _six_bits(scales, max_scale), _six_bits(mins, max_min)
-        store_half(out, 0, max_scale / _F32(63))
-        store_half(out, 2, max_min / _F32(63))
+        store_half(out, 0, max_scale / F32(63))
+        store_half(out, 2, max_min / F32(63))
         out[:, 4:16] = _pack_scales_k4(ls, lm)
 
-        d = (half_at(out, 0) * ls.astype(_F32)).reshape(-1)
-        dm = (half_at(out, 2) * lm.astype(_F32)).reshape(-1)
+        d = (half_at(out, 0) * ls.astype(F32)).reshape(-1)
+        dm = (half_at(out, 2) * lm.astype(F32)).reshape(-1)
         T = X + dm
         T /= d
         L = np.clip(nearest_int(T), 0, 15).astype(np.uint8)
@@ -210,15 +211,6 @@ class Q4_K(BlockCodec, qtype="Q4_K"):
         q = L.T.reshape(n, 4, 2, 32)
         out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        n = blocks.shape[0]
-        sc, mn = _unpack_scales_k4(blocks[:, 4:16])
-        d = (half_at(blocks, 0) * sc.astype(_F32)).reshape(n, 8, 1)
-        dm = (half_at(blocks, 2) * mn.astype(_F32)).reshape(n, 8, 1)
-        qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 0x0F).reshape(n, 8, 32).astype(_F32)
-        np.subtract(d * q, dm, out=out.reshape(n, 8, 32))
 
 
 # ---------------------------------------------------------------------------- Q6_K
@@ -234,10 +226,10 @@ def _qx_search(X: np.ndarray, x_hi: np.ndarray, x_lo: np.ndarray, ws: Scratch):
     rows, m = X.shape
     cols = np.arange(m)
     peak = signed_peak(X.T, x_hi, x_lo)  # first value of largest magnitude
-    zero = np.abs(peak) < _GROUP_MAX_EPS
-    peak = np.where(zero, _F32(1), peak)  # dead columns: any finite stand-in
-    n = len(_QX_NUMS)
-    iscales = np.divide(_QX_NUMS[:, None], peak, out=ws("qx_iscales", (n, m)))
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    peak = np.where(zero, F32(1), peak)  # dead columns: any finite stand-in
+    n = len(QX_NUMS)
+    iscales = np.divide(QX_NUMS[:, None], peak, out=ws("qx_iscales", (n, m)))
     X2 = np.multiply(X, X, out=ws("qx_X2", X.shape))
     WX = np.multiply(X2, X, out=ws("qx_WX", X.shape))  # w*x[i] with w = x*x
     sumlx, suml2 = ws("qx_sumlx", (n, m)), ws("qx_suml2", (n, m))
@@ -249,9 +241,9 @@ def _qx_search(X: np.ndarray, x_hi: np.ndarray, x_lo: np.ndarray, ws: Scratch):
             np.multiply(X, ws.copy("qx_part", iscales[part])[:, None, :], out=L)
             np.rint(L, out=L)  # |iscale * x| <= 32.9: np.rint is nearest_int
             if low is not None:
-                np.maximum(L, full(L.shape[1:], low, _F32), out=L)
+                np.maximum(L, full(L.shape[1:], low, F32), out=L)
             if high is not None:
-                np.minimum(L, full(L.shape[1:], high, _F32), out=L)
+                np.minimum(L, full(L.shape[1:], high, F32), out=L)
             np.multiply(WX, L, out=P)
             sumlx[part] = np.add.reduce(P, axis=1, out=ws("qx_sum", shape[::2]))
             np.multiply(X2, L, out=P)
@@ -259,20 +251,20 @@ def _qx_search(X: np.ndarray, x_hi: np.ndarray, x_lo: np.ndarray, ws: Scratch):
             suml2[part] = np.add.reduce(P, axis=1, out=ws("qx_sum", shape[::2]))
 
     ratio = sumlx / suml2
-    first = np.where(suml2[0] != 0, ratio[0], _F32(0))  # `suml2 ? sumlx/suml2 : 0.0f`
+    first = np.where(suml2[0] != 0, ratio[0], F32(0))  # `suml2 ? sumlx/suml2 : 0.0f`
     gain = ratio * sumlx  # `best = scale*sumlx` once a candidate is taken
     wins = sumlx * sumlx
     wins[~(suml2 > 0)] = -np.inf  # `suml2 > 0 &&`
     best = first * sumlx[0]
     choice = np.zeros(m, np.int8)
-    taken, bar = np.empty(m, bool), np.empty(m, _F32)
+    taken, bar = np.empty(m, bool), np.empty(m, F32)
     for s in range(1, n):
         np.multiply(best, suml2[s], out=bar)
         np.greater(wins[s], bar, out=taken)
         best = np.where(taken, gain[s], best)
         choice = np.where(taken, np.int8(s), choice)
     scale = np.where(choice == 0, first, ratio[choice, cols])
-    return np.where(zero, _F32(0), scale), iscales[choice, cols], zero
+    return np.where(zero, F32(0), scale), iscales[choice, cols], zero
 
 
 class Q6_K(BlockCodec, qtype="Q6_K"):
@@ -290,35 +282,26 @@ class Q6_K(BlockCodec, qtype="Q6_K"):
         scales = scale.reshape(n, 16)
 
         mag = np.abs(scales)
-        mag = np.where(mag > 0, mag, _F32(0))  # NaN never wins `abs_scale > max_abs_scale`
+        mag = np.where(mag > 0, mag, F32(0))  # NaN never wins `abs_scale > max_abs_scale`
         first = mag.argmax(axis=1)
         rows = np.arange(n)
-        dead = mag[rows, first] < _GROUP_MAX_EPS  # the whole block stays zero
-        block_iscale = _F32(-128) / np.where(dead, _F32(1), scales[rows, first])
+        dead = mag[rows, first] < GROUP_MAX_EPS  # the whole block stays zero
+        block_iscale = F32(-128) / np.where(dead, F32(1), scales[rows, first])
         sc = np.minimum(nearest_int(block_iscale[:, None] * scales), 127).astype(np.int8)
-        store_half(out, 208, _F32(1) / block_iscale)
+        store_half(out, 208, F32(1) / block_iscale)
         out[:, 192:208] = sc.view(np.uint8)
 
-        d = (half_at(out, 208) * sc.astype(_F32)).reshape(-1)
+        d = (half_at(out, 208) * sc.astype(F32)).reshape(-1)
         L = np.clip(nearest_int(X / d), -32, 31) + 32
         keep = np.flatnonzero(d == 0)  # `if (!d) continue;`: these keep the search's levels
         if keep.size:
             S = X[:, keep] * iscale[keep]
             np.rint(S, out=S)
             _clamp(S, -32, 31)
-            L[:, keep] = np.where(zero[keep], _F32(0), S + _F32(32))
+            L[:, keep] = np.where(zero[keep], F32(0), S + F32(32))
         q = L.astype(np.uint8).T.reshape(n, 2, 4, 32)
         out[:, :128] = ((q[:, :, 0:2] & 0x0F) | ((q[:, :, 2:4] & 0x0F) << 4)).reshape(n, 128)
         out[:, 128:192] = (
             (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
         ).reshape(n, 64)
         out[dead] = 0
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        n = blocks.shape[0]
-        d = (half_at(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(_F32)).reshape(n, 16, 1)
-        ql = blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-        qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-        q = ((ql & 0x0F).reshape(n, 8, 32) | ((qh & 0x03).reshape(n, 8, 32) << 4)).view(np.int8) - np.int8(32)
-        np.multiply(d, q.reshape(n, 16, 16).astype(_F32), out=out.reshape(n, 16, 16))

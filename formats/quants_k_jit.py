@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .ggml_types import F32
 from .jit_bits import (
-    _F32,
     FLT_MAX,
-    GROUP_MAX_EPS,
     JIT,
     OK,
     ONE,
@@ -23,9 +22,7 @@ from .jit_bits import (
     store_half,
     store_half_at,
 )
-
-QKX2_STEPS = np.array([(_F32(-1) + _F32(0.1) * _F32(i)) + _F32(15) for i in range(21)], _F32)
-QX_NUMS = np.array([_F32(-32)] + [-(_F32(32) + _F32(0.1) * _F32(i)) for i in range(-9, 10) if i], _F32)
+from .quants_k import GROUP_MAX_EPS, QKX2_STEPS, QX_NUMS
 
 
 @njit(inline="always")
@@ -59,12 +56,12 @@ def _search_start(xt, w, g, n, lo, hi, sw, sx, span, isc, scale, best, L, live):
         lo[k] = ZERO if lo[k] > ZERO else lo[k]
         live[k] = hi[k] != lo[k]  # a constant sub-block returns scale 0 and keeps -min
         span[k] = hi[k] - lo[k]
-        isc[k] = _F32(15) / span[k]
+        isc[k] = F32(15) / span[k]
         scale[k] = ONE / isc[k]
         best[k] = ZERO
     for i in range(n):
         for k in range(g):
-            lv = _F32(_clamp(nearest_int(isc[k] * (xt[i, k] - lo[k])), 0, 15))
+            lv = F32(_clamp(nearest_int(isc[k] * (xt[i, k] - lo[k])), 0, 15))
             L[i, k] = lv
             diff = scale[k] * lv + lo[k] - xt[i, k]
             best[k] += w[i, k] * (diff * diff)
@@ -79,7 +76,7 @@ def _search_step(step, xt, w, g, n, lo, hi, sw, sx, span, scale, best, L, La, li
         s_l[k] = s_l2[k] = s_xl[k] = ZERO
     for i in range(n):
         for k in range(g):
-            lf = _F32(_clamp(nearest_int(isc[k] * (xt[i, k] - lo[k])), 0, 15))
+            lf = F32(_clamp(nearest_int(isc[k] * (xt[i, k] - lo[k])), 0, 15))
             La[i, k] = lf
             wl = w[i, k] * lf
             s_l[k] += wl
@@ -121,10 +118,10 @@ def _pack_q4_k(x, out, b, q, n, scale, lo, L, live, Lf):
             max_scale = scale[k]
         if lo[k] > max_min:
             max_min = lo[k]
-    inv_scale = _F32(63) / max_scale if max_scale > ZERO else ZERO
-    inv_min = _F32(63) / max_min if max_min > ZERO else ZERO
-    hd = half_bits(max_scale / _F32(63))
-    hm = half_bits(max_min / _F32(63))
+    inv_scale = F32(63) / max_scale if max_scale > ZERO else ZERO
+    inv_min = F32(63) / max_min if max_min > ZERO else ZERO
+    hd = half_bits(max_scale / F32(63))
+    hm = half_bits(max_min / F32(63))
     store_half_at(out, b, 0, hd)
     store_half_at(out, b, 2, hm)
     dv, mv = half_value(hd), half_value(hm)
@@ -139,12 +136,12 @@ def _pack_q4_k(x, out, b, q, n, scale, lo, L, live, Lf):
             out[b, j] |= (ls >> 4) << 6
             out[b, 4 + j] |= (lm >> 4) << 6
             out[b, 8 + j] = (ls & 0x0F) | ((lm & 0x0F) << 4)
-        d = dv * _F32(ls)
+        d = dv * F32(ls)
         if d == ZERO:  # keeps the search's levels
             for i in range(n):
                 Lf[n * j + i] = np.int64(L[i, k]) if live[k] else 0
             continue
-        dm = mv * _F32(lm)
+        dm = mv * F32(lm)
         for i in range(n):
             Lf[n * j + i] = _clamp(nearest_int((x[b, n * j + i] + dm) / d), 0, 15)
     for g in range(4):
@@ -156,11 +153,11 @@ def _pack_q4_k(x, out, b, q, n, scale, lo, L, live, Lf):
 def q4_k(x, out):
     nb, n = x.shape[0], x.shape[1] // 8  # n = 32, read at run time so lane loops vectorize
     G = 8 * GROUP
-    xt, w, L, La = np.empty((n, G), _F32), np.empty((n, G), _F32), np.empty((n, G), _F32), np.empty((n, G), _F32)
-    lanes = np.empty((14, G), _F32)  # per-lane state: rows below, then step work space
+    xt, w, L, La = np.empty((n, G), F32), np.empty((n, G), F32), np.empty((n, G), F32), np.empty((n, G), F32)
+    lanes = np.empty((14, G), F32)  # per-lane state: rows below, then step work space
     lo, hi, sw, sx, span, isc, scale, best = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], \
         lanes[6], lanes[7]
-    t = (lanes[8], lanes[9], lanes[10], lanes[11], lanes[12], lanes[13], np.empty(G, _F32), np.empty(G, np.bool_))
+    t = (lanes[8], lanes[9], lanes[10], lanes[11], lanes[12], lanes[13], np.empty(G, F32), np.empty(G, np.bool_))
     live = np.empty(G, np.bool_)
     Lf = np.empty(256, np.int64)
     for b0 in range(0, nb, GROUP):
@@ -178,7 +175,7 @@ def q4_k(x, out):
             for k in range(g):
                 sw[k] += xt[i, k] * xt[i, k]
         for k in range(g):
-            sw[k] = np.sqrt(sw[k] / _F32(32))
+            sw[k] = np.sqrt(sw[k] / F32(32))
         for i in range(n):
             for k in range(g):
                 w[i, k] = sw[k] + abs(xt[i, k])
@@ -196,12 +193,12 @@ def q4_k(x, out):
 @njit(**JIT)
 def q6_k(x, out):
     L = np.empty(256, np.int64)
-    scales = np.empty(16, _F32)
-    iscales = np.empty(16, _F32)
+    scales = np.empty(16, F32)
+    iscales = np.empty(16, F32)
     zero = np.empty(16, np.bool_)
-    isc = np.empty(19, _F32)
-    sumlx = np.empty(19, _F32)
-    suml2 = np.empty(19, _F32)
+    isc = np.empty(19, F32)
+    sumlx = np.empty(19, F32)
+    suml2 = np.empty(19, F32)
     for b in range(x.shape[0]):
         xb, ob = x[b], out[b]
         # make_qx_quants(16, 32, x, L, 1, NULL) per sub-block; all 19 candidate scales are
@@ -231,7 +228,7 @@ def q6_k(x, out):
                 wv = v * v
                 wx = wv * v
                 for c in range(19):
-                    lf = _F32(_clamp(nearest_int(isc[c] * v), -32, 31))
+                    lf = F32(_clamp(nearest_int(isc[c] * v), -32, 31))
                     sumlx[c] += wx * lf
                     suml2[c] += (wv * lf) * lf
             scale = sumlx[0] / suml2[0] if suml2[0] != ZERO else ZERO
@@ -256,14 +253,14 @@ def q6_k(x, out):
             for k in range(210):
                 ob[k] = 0
             continue
-        iscale = _F32(-128) / max_scale
+        iscale = F32(-128) / max_scale
         hd = half_bits(ONE / iscale)
         store_half(ob, 208, hd)
         dv = half_value(hd)
         for ib in range(16):
             byte = min(127, nearest_int(iscale * scales[ib])) & 0xFF
             ob[192 + ib] = byte
-            d = dv * _F32(byte - 256 if byte >= 128 else byte)
+            d = dv * F32(byte - 256 if byte >= 128 else byte)
             if d != ZERO:
                 for i in range(16):
                     L[16 * ib + i] = _clamp(nearest_int(xb[16 * ib + i] / d), -32, 31) + 32

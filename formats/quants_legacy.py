@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quants import (
-    _F32,
+from .ggml_types import (
+    F32,
+    HALF_BELOW,
     BlockCodec,
     Scratch,
     full,
-    half_at,
     inverse,
     require_finite,
     signed_peak,
     store_half,
 )
-
-# nextafter(0.5, 0): trunc(v + copysign(this, v)) rounds half away from zero, exactly, for |v| < 2**23
-_HALF_BELOW = np.nextafter(_F32(0.5), _F32(0))
 
 
 def quads(x: np.ndarray, ws: Scratch) -> np.ndarray:
@@ -40,8 +37,6 @@ def quads(x: np.ndarray, ws: Scratch) -> np.ndarray:
 def _per_quad(v: np.ndarray, ws: Scratch) -> np.ndarray:
     """A per-block value (n,) laid out to broadcast over the rows of :func:`quads`."""
     return ws.copy("per_quad", np.repeat(v, 4))
-
-
 
 
 def _store_quads(out: np.ndarray, offset: int, q: np.ndarray) -> None:
@@ -64,14 +59,12 @@ def _block_range(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _per_block(Y.max(axis=0), np.maximum), _per_block(Y.min(axis=0), np.minimum)
 
 
-
-
 def _half_away(Y: np.ndarray, ws: Scratch) -> np.ndarray:
     """copysign(nextafter(0.5, 0), Y) by bits: added before truncation, rounds half away from 0."""
     s = ws("sign", Y.shape, np.uint32)
     np.bitwise_and(Y.view(np.uint32), np.uint32(0x80000000), out=s)
-    s |= _HALF_BELOW.view(np.uint32)
-    return s.view(_F32)
+    s |= HALF_BELOW.view(np.uint32)
+    return s.view(F32)
 
 
 def _cast(Y: np.ndarray, dtype: type, ws: Scratch) -> np.ndarray:
@@ -107,18 +100,6 @@ def _fifth_bits(q: np.ndarray) -> np.ndarray:
     return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).T
 
 
-def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-_BIT = np.arange(32, dtype=np.uint32)
-
-
-def _unpack_fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """The 32 high bits of Q5 blocks, bit j of the little-endian uint32 for element j."""
-    return ((np.ascontiguousarray(qh).view("<u4") >> _BIT) & 1).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------- codecs
 # Each quantizer follows its ``quantize_row_*_ref`` / gguf-py twin operation for operation.
 # Q4_0/Q5_0 and Q4_1/Q5_1 differ only in their level count and where the fifth bits go.
@@ -130,9 +111,9 @@ def _symmetric(x: np.ndarray, out: np.ndarray, ws: Scratch, bits: int) -> None:
     Y = quads(x, ws)
     peak = signed_peak(x, *_block_range(Y))
     require_finite(peak)
-    d = peak / _F32(-half)
+    d = peak / F32(-half)
     Y *= _per_quad(inverse(d), ws)
-    Y += _F32(half + 0.5)
+    Y += F32(half + 0.5)
     _store_levels(out, qs_at, _levels(Y, 2 * half - 1, ws), ws, bits)
     store_half(out, 0, d)
 
@@ -143,10 +124,10 @@ def _affine(x: np.ndarray, out: np.ndarray, ws: Scratch, bits: int) -> None:
     Y = quads(x, ws)
     hi, lo = _block_range(Y)
     require_finite(hi, lo)
-    d = (hi - lo) / _F32(top)
+    d = (hi - lo) / F32(top)
     Y -= _per_quad(lo, ws)
     Y *= _per_quad(inverse(d), ws)
-    Y += _F32(0.5)
+    Y += F32(0.5)
     _store_levels(out, qs_at, _levels(Y, top, ws), ws, bits)
     store_half(out, 0, d)
     store_half(out, 2, lo)
@@ -159,18 +140,13 @@ def _store_levels(out: np.ndarray, qs_at: int, q: np.ndarray, ws: Scratch, bits:
         out[:, qs_at - 4 : qs_at] = _fifth_bits(q)
 
 
-def _unpacked_levels(blocks: np.ndarray, qs_at: int, bits: int) -> np.ndarray:
-    q = _unpack_nibbles(blocks[:, qs_at:])
-    return q if bits == 4 else q | (_unpack_fifth_bits(blocks[:, qs_at - 4 : qs_at]) << 4)
-
-
 class Q8_0(BlockCodec, qtype="Q8_0"):
     @classmethod
     def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
         Y = quads(x, ws)
         amax = np.abs(_per_block(np.maximum(Y.max(axis=0), -Y.min(axis=0)), np.maximum))  # never -0
         require_finite(amax)
-        d = amax / _F32(127)
+        d = amax / F32(127)
         iscale = inverse(d)
         iscale[np.isinf(iscale)] = np.nan  # gguf-py rounds +-inf to NaN before the int8 cast
         Y *= _per_quad(iscale, ws)
@@ -178,40 +154,26 @@ class Q8_0(BlockCodec, qtype="Q8_0"):
         _store_quads(out, 2, _cast(Y, np.int8, ws))
         store_half(out, 0, d)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        np.multiply(blocks[:, 2:].view(np.int8).astype(_F32), half_at(blocks, 0), out=out)
-
 
 class Q4_0(BlockCodec, qtype="Q4_0"):
-    bits, qs_at = 4, 2
+    bits = 4
 
     @classmethod
     def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
         _symmetric(x, out, ws, cls.bits)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        q = _unpacked_levels(blocks, cls.qs_at, cls.bits).view(np.int8) - np.int8(1 << (cls.bits - 1))
-        np.multiply(half_at(blocks, 0), q.astype(_F32), out=out)
-
 
 class Q5_0(Q4_0, qtype="Q5_0"):
-    bits, qs_at = 5, 6
+    bits = 5
 
 
 class Q4_1(BlockCodec, qtype="Q4_1"):
-    bits, qs_at = 4, 4
+    bits = 4
 
     @classmethod
     def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
         _affine(x, out, ws, cls.bits)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> None:
-        np.multiply(half_at(blocks, 0), _unpacked_levels(blocks, cls.qs_at, cls.bits).astype(_F32), out=out)
-        out += half_at(blocks, 2)
-
 
 class Q5_1(Q4_1, qtype="Q5_1"):
-    bits, qs_at = 5, 8
+    bits = 5

@@ -2,8 +2,9 @@
 
 Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are compared with ``gguf.quants.quantize``; Q4_K/Q6_K (which gguf-py
 cannot quantize) with llama.cpp's ``quantize_row_q*_K_ref`` output stored in
-``tests/golden/quant_golden.npz`` (see ``tests/golden/make_quant_golden.py``). Every
-dequantizer is compared with ``gguf.quants.dequantize`` bit for bit.
+``tests/golden/quant_golden.npz`` (see ``tests/golden/make_quant_golden.py``). Every torch
+dequantizer is compared with ``gguf.quants.dequantize`` bit for bit, on quantized data, on
+arbitrary bytes and on edge values of the scales.
 
 Tests taking the ``backend`` fixture run once with the numpy codecs and once with the numba
 kernels of ``prebake.formats.quants_jit`` (skipped where numba is not installed).
@@ -11,16 +12,21 @@ kernels of ``prebake.formats.quants_jit`` (skipped where numba is not installed)
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import warnings
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as GT
-from prebake.formats import quants
+from prebake.formats import ggml_torch, quants
 from prebake.formats.errors import UnsupportedError
-from prebake.formats.quants import BLOCK_SIZES, QTYPES, dequantize, quantize
+from prebake.formats.ggml_torch import DEQUANTIZERS
+from prebake.formats.ggml_types import BLOCK_SIZES, CODECS
+from prebake.formats.quants import QTYPES, can_dequantize, dequantize, quantize
 
 GOLDEN = np.load(Path(__file__).parent / "golden" / "quant_golden.npz")
 SIMPLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -79,6 +85,14 @@ def _assert_bits_equal(a: np.ndarray, b: np.ndarray) -> None:
     np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+# every type with a decoder (torch kernel or gguf-py's), and the fp16 scale fields of those with a kernel
+DECODABLE = [q for q in BLOCK_SIZES if can_dequantize(q)]
+SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# fp16 bits: signed zeros, subnormals, the smallest normal, +-1, 1/3, +-max, +-inf, quiet NaNs, a signaling NaN
+EDGE_HALVES = np.array([0x0000, 0x8000, 0x0001, 0x83FF, 0x0400, 0x3C00, 0xBC00, 0x3555, 0x7BFF, 0xFBFF, 0x7C00,
+                        0xFC00, 0x7E00, 0xFE00, 0x7C01], np.uint16)
+
 INPUTS = {
     "normal": lambda: _rows(1, 64, 1024),
     "weights 256x4096": lambda: _rows(2, 256, 4096, 0.02),
@@ -118,16 +132,18 @@ def test_dequantize_equals_gguf_py(qtype, backend):
     _assert_bits_equal(dequantize(blocks, qtype), _gguf_dequantize(blocks, qtype))
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", DECODABLE)
 def test_dequantize_equals_gguf_py_on_arbitrary_bytes(qtype):
+    # NaN and infinite scales included: even their bits are gguf-py's
     bs, ts = BLOCK_SIZES[qtype]
     raw = np.random.default_rng(4).integers(0, 256, (32, 4 * ts), dtype=np.uint8)
     _assert_bits_equal(dequantize(raw, qtype), _gguf_dequantize(raw, qtype))
 
 
 def test_block_sizes_match_gguf():
-    for qtype in QTYPES:
-        assert BLOCK_SIZES[qtype] == gguf.constants.GGML_QUANT_SIZES[GT[qtype]]
+    for gt, sizes in gguf.constants.GGML_QUANT_SIZES.items():  # every type gguf-py knows
+        assert BLOCK_SIZES[gt.name] == sizes, gt.name
+    assert set(QTYPES) <= set(BLOCK_SIZES) and {c.qtype for c in CODECS.values()} == set(QTYPES)
 
 
 # ---------------------------------------------------------------------------- against llama.cpp
@@ -200,7 +216,7 @@ def test_shapes_dtypes_and_chunking(qtype, monkeypatch, backend):
     assert whole.shape == (6, 4 * ts)
     # windows of several rows, and of part of one row
     for chunk in (9, 3):
-        monkeypatch.setattr(quants._CODECS[qtype], "chunk_blocks", chunk)
+        monkeypatch.setattr(CODECS[qtype], "chunk_blocks", chunk)
         np.testing.assert_array_equal(quantize(x, qtype), whole)
         _assert_bits_equal(dequantize(whole, qtype), dequantize(whole, qtype, shape=x.shape))
     np.testing.assert_array_equal(quantize(x.reshape(2, 3, -1), qtype), whole.reshape(2, 3, -1))
@@ -217,6 +233,151 @@ def test_round_trip_error_is_small(qtype, backend):
     x = _rows(8, 16, 1024)
     err = np.abs(dequantize(quantize(x, qtype), qtype) - x).max()
     assert err < {"Q8_0": 0.03, "Q6_K": 0.1, "Q5_0": 0.2, "Q5_1": 0.2}.get(qtype, 0.5)
+
+
+# ---------------------------------------------------------------------------- dequantize
+
+
+def _edge_blocks(qtype: str, seed: int) -> np.ndarray:
+    """Random blocks, all-0x00 and all-0xFF levels, every scale field set to each edge value."""
+    _, ts = BLOCK_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (3 * len(EDGE_HALVES) ** 2, ts), dtype=np.uint8)
+    raw[1::3], raw[2::3] = 0x00, 0xFF
+    fields = SCALE_FIELDS[qtype]
+    for i, (a, b) in enumerate(np.ndindex(len(EDGE_HALVES), len(EDGE_HALVES))):
+        for at, v in zip(fields, (EDGE_HALVES[a], EDGE_HALVES[b]), strict=False):
+            raw[3 * i : 3 * i + 3, at : at + 2] = np.frombuffer(v.tobytes(), np.uint8)
+    if qtype in ("Q3_K", "Q6_K"):  # signed sub-block scales: the extremes too
+        sc = slice(96, 108) if qtype == "Q3_K" else slice(192, 208)
+        half = raw[: len(raw) // 2, sc]
+        half[...] = rng.choice(np.array([0x00, 0x80, 0x7F, 0xFF], np.uint8), half.shape)
+    return raw
+
+
+def test_every_type_we_quantize_has_a_torch_kernel():
+    assert set(QTYPES) <= set(DEQUANTIZERS) and set(DEQUANTIZERS) == set(SCALE_FIELDS)
+    assert set(DEQUANTIZERS) <= set(DECODABLE)
+
+
+@pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS))
+def test_torch_kernels_equal_gguf_py_on_edge_scales(qtype):
+    raw = _edge_blocks(qtype, 11)
+    _assert_bits_equal(dequantize(raw, qtype), _gguf_dequantize(raw, qtype))
+    # torch tensors straight in, as the run time passes them: (rows, bytes per row) and windows
+    ref = _gguf_dequantize(raw, qtype).reshape(3, -1)
+    got = ggml_torch.dequantize(torch.from_numpy(raw.reshape(3, -1)), qtype)
+    _assert_bits_equal(got.numpy(), ref)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q8_0"])
+def test_torch_dequantize_layouts_windows_and_out(qtype, monkeypatch):
+    bs, ts = BLOCK_SIZES[qtype]
+    raw = _edge_blocks(qtype, 12)[: 6 * 8].reshape(6, 8 * ts)
+    ref = _gguf_dequantize(raw, qtype)
+    monkeypatch.setattr(ggml_torch, "WINDOW", 5 * BLOCK_SIZES[qtype][0])  # windows of 5 blocks cut rows
+    t = torch.from_numpy(raw)
+    out = torch.full((6 * 8 * bs,), 7.0)
+    assert ggml_torch.dequantize(t, qtype, out=out) is out
+    _assert_bits_equal(out.numpy().reshape(6, -1), ref)
+    # a strided view (every other block of each row), in numpy and in torch
+    strided = raw.reshape(6, 8, ts)[:, ::2].reshape(6, 4, ts)
+    want = _gguf_dequantize(np.ascontiguousarray(strided).reshape(6, -1), qtype)
+    _assert_bits_equal(dequantize(raw[:, : 4 * ts], qtype), ref[:, : 4 * bs])
+    _assert_bits_equal(ggml_torch.dequantize(t.view(6, 8, ts)[:, ::2].reshape(6, -1), qtype).numpy(), want)
+    _assert_bits_equal(dequantize(raw[::-1], qtype), ref[::-1])
+    with pytest.raises(ValueError, match="out must be"):
+        ggml_torch.dequantize(t, qtype, out=torch.empty(6, 8 * bs, dtype=torch.float16))
+    with pytest.raises(ValueError, match="uint8"):
+        ggml_torch.dequantize(t[:, 1:], qtype)
+
+
+def test_read_only_maps_are_decoded_in_place_without_warnings(tmp_path):
+    raw = quantize(_rows(13, 4, 256), "Q6_K")
+    raw.tofile(tmp_path / "blocks")
+    mapped = np.memmap(tmp_path / "blocks", np.uint8, "r", shape=raw.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_bits_equal(dequantize(mapped, "Q6_K"), _gguf_dequantize(raw, "Q6_K"))
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ2_XXS", "TQ2_0", "MXFP4", "BF16"])
+def test_types_without_a_kernel_go_through_gguf_py(qtype):
+    assert qtype not in DEQUANTIZERS and can_dequantize(qtype)
+    _, ts = BLOCK_SIZES[qtype]
+    raw = np.random.default_rng(14).integers(0, 256, (8, 2 * ts), dtype=np.uint8)
+    _assert_bits_equal(dequantize(raw, qtype), _gguf_dequantize(raw, qtype))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_1", "Q8_K", "I32"])
+def test_types_no_one_decodes_are_refused_by_name(qtype):
+    assert not can_dequantize(qtype) and not can_dequantize(GT[qtype])
+    _, ts = BLOCK_SIZES[qtype]
+    with pytest.raises(UnsupportedError, match=f"cannot dequantize GGML type {qtype}"):
+        dequantize(np.zeros((1, ts), np.uint8), qtype)
+    with pytest.raises(UnsupportedError, match="unknown GGML type"):
+        dequantize(np.zeros((1, 34), np.uint8), "Q9_0")
+    assert not can_dequantize("Q9_0")
+
+
+# ---------------------------------------------------------------------------- layering
+
+
+GGML_MODULES = {"ggml_types", "ggml_torch", "quants", "quants_legacy", "quants_k", "quants_jit", "quants_k_jit",
+                "jit_bits"}
+
+
+def _formats_imports() -> dict[str, set[str]]:
+    """Module -> the ``formats`` modules it imports, at module level or inside functions.
+
+    The GGML modules import no private (``_name``) names from each other.
+    """
+    root = Path(__file__).resolve().parents[1] / "formats"
+    names = {p.stem for p in root.glob("*.py")}
+    assert names >= GGML_MODULES
+    graph, private = {}, []
+    for name in names:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                parts = (node.module or "").split(".")
+                if node.level == 1 and not node.module:  # from . import x, y
+                    targets = [a.name for a in node.names]
+                elif node.level == 1 or parts[:2] == ["prebake", "formats"]:
+                    targets = [parts[-1]]
+                else:
+                    continue
+                graph[name] |= {t for t in targets if t in names}
+                if name in GGML_MODULES:
+                    private += [f"{name}: {a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Import):
+                imported = (a.name.split(".") for a in node.names)
+                graph[name] |= {p[2] for p in imported if p[:2] == ["prebake", "formats"] and len(p) > 2}
+    assert not private, f"private names imported across modules: {private}"
+    return graph
+
+
+def test_formats_import_graph_has_no_cycles():
+    graph = _formats_imports()
+    assert "quants_k" in graph["quants"] and "ggml_types" in graph["quants_k"]  # the parser sees both kinds
+    assert "ggml_torch" in graph["quants"] and "quants_jit" in graph["quants"]  # function-level ones too
+    done, path = set(), []
+
+    def visit(m: str) -> None:
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(m):], m]))
+        if m in done:
+            return
+        path.append(m)
+        for dep in sorted(graph[m]):
+            visit(dep)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    assert graph["ggml_types"] <= {"errors"}  # the base of the codecs imports none of them
 
 
 # ---------------------------------------------------------------------------- numba backend
@@ -262,6 +423,7 @@ def test_numba_is_imported_only_by_quantize():
 
     code = (
         "import sys, numpy as np; from prebake.formats import quants; "
+        "assert 'torch' not in sys.modules; "
         "quants.dequantize(np.zeros((1, 34), np.uint8), 'Q8_0'); "
         "assert 'numba' not in sys.modules; "
         "quants.quantize(np.zeros((1, 32), np.float32), 'Q8_0'); print('numba' in sys.modules)"

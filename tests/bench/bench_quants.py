@@ -11,6 +11,8 @@ cannot quantize Q4_K/Q6_K; llama.cpp's C reference is the yardstick there. With
 see tests/golden/make_quant_golden.py) the table adds llama.cpp's ``ggml_quantize_chunk`` (no
 imatrix: ``quantize_row_*_ref``, one thread) on the same matrix, checks that its bytes equal
 ours, and prints our jit speed over it; without one it prints the figures recorded below.
+Dequantize runs prebake's torch kernels (``prebake.formats.ggml_torch``), on the blocks quantized
+above, and for Q2_K/Q3_K/Q5_K (decoded, not made, here) on random blocks with modest scales.
 
 llama.cpp reference, measured on this machine through ctypes (llama-cpp-python 0.3.36, its
 default build; ``ggml_quantize_chunk`` without imatrix on 1024 x 4096 normal weights, median of
@@ -36,7 +38,12 @@ from collections.abc import Callable, Iterator  # noqa: E402
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 from prebake.formats import quants  # noqa: E402
-from prebake.formats.quants import BLOCK_SIZES, QTYPES, dequantize, quantize  # noqa: E402
+from prebake.formats.ggml_torch import DEQUANTIZERS  # noqa: E402
+from prebake.formats.ggml_types import BLOCK_SIZES  # noqa: E402
+from prebake.formats.quants import QTYPES, dequantize, quantize  # noqa: E402
+
+# fp16 scale fields of the types decoded but not made here: random blocks get modest scales there
+SCALE_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q5_K": (0, 2)}
 
 
 def median_seconds(fn: Callable[[], object], repeat: int) -> float:
@@ -115,7 +122,26 @@ def bench(rows: int, cols: int, repeat: int, ggml=None) -> list[dict]:
             row["c_same"] = bool(np.array_equal(ggml(x, qtype), blocks))
             row["q_c"] = mb / median_seconds(lambda q=qtype: ggml(x, q), repeat)
         results.append(row)
+    for qtype in (q for q in DEQUANTIZERS if q not in QTYPES):
+        bs, ts = BLOCK_SIZES[qtype]
+        blocks = random_blocks(qtype, x.size // bs)
+        row = {"qtype": qtype, "bpw": 8 * ts / bs, "bytes": blocks.nbytes, "q": None, "q_jit": None,
+               "q_ref": None, "q_c": None, "c_same": None}
+        row["dq"] = mb / median_seconds(lambda q=qtype, b=blocks: dequantize(b, q), repeat)
+        ref = gguf_codec(qtype, "dequantize")
+        row["dq_ref"] = mb / median_seconds(lambda r=ref, b=blocks: r(b), repeat)
+        results.append(row)
     return results
+
+
+def random_blocks(qtype: str, n: int) -> np.ndarray:
+    """``n`` random blocks of a type prebake does not quantize to, with scales of a small model's size."""
+    _, ts = BLOCK_SIZES[qtype]
+    blocks = np.random.default_rng(1).integers(0, 256, (n, ts), dtype=np.uint8)
+    for at in SCALE_FIELDS[qtype]:
+        scale = np.random.default_rng(at).uniform(1e-4, 1e-3, n).astype(np.float16)
+        blocks[:, at : at + 2] = scale.view(np.uint8).reshape(n, 2)
+    return blocks
 
 
 def print_table(results: list[dict], rows: int, cols: int, repeat: int) -> None:
@@ -133,14 +159,16 @@ def print_table(results: list[dict], rows: int, cols: int, repeat: int) -> None:
     for r in results:
         print(
             f"{r['qtype']:5} {r['bpw']:7.2f} {r['bytes']:15,d} | {rate(r['q'])} {rate(r['q_jit'])} "
-            f"{rate(r['q_ref'])} {ratio(r['q'], r['q_ref'])} {ratio(r['q_jit'] or 0, r['q_ref'])} "
+            f"{rate(r['q_ref'])} {ratio(r['q'] or 0, r['q_ref'])} {ratio(r['q_jit'] or 0, r['q_ref'])} "
             f"|   {rate(r['dq'])} {rate(r['dq_ref'])} {ratio(r['dq'], r['dq_ref'])}"
         )
     if any(r["q_c"] for r in results):
         print("\nllama.cpp's reference quantizer (ggml_quantize_chunk, no imatrix, one thread), same matrix")
         print("type   llama.cpp   jit / llama.cpp   same bytes")
         for r in results:
-            print(f"{r['qtype']:5} {rate(r['q_c'])}   {ratio(r['q_jit'] or r['q'], r['q_c']):>15}   {r['c_same']}")
+            if r["q"]:
+                speedup = ratio(r["q_jit"] or r["q"], r["q_c"])
+                print(f"{r['qtype']:5} {rate(r['q_c'])}   {speedup:>15}   {r['c_same']}")
     else:
         print("llama.cpp's reference, recorded on this machine (see this module's docstring): "
               "Q4_K ~49, Q6_K ~113 MB/s; pass --ggml-lib to measure it in this run")
