@@ -26,7 +26,7 @@ import re
 import torch
 from prebake.cache.packed import PackedTensor
 from prebake.cache.qlinear import QuantEmbedding, QuantLinear
-from prebake.formats.ggml_types import QUANT_SIZES
+from prebake.formats.ggml_types import BLOCK_SIZES
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import (
@@ -153,7 +153,7 @@ class Unpack(ConversionOps):
 
 
 def _unpack(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
-    block, size = QUANT_SIZES[qtype]
+    block, size = BLOCK_SIZES[qtype]
     shape = (*blocks.shape[:-1], blocks.shape[-1] // size * block)
     return PackedTensor(blocks, qtype, shape, dtype).dequantize()
 

@@ -11,11 +11,6 @@ from __future__ import annotations
 import torch
 from prebake.formats import ggml_torch
 from prebake.formats.ggml_types import BLOCK_SIZES
-from prebake.formats.quants import QTYPES
-
-# transitional: tests/test_quant_pipeline.py parametrizes over this name (types it can quantize
-# and decode); it goes once that test takes QTYPES from prebake.formats.quants
-DEQUANTIZERS = {q: k for q, k in ggml_torch.DEQUANTIZERS.items() if q in QTYPES}
 
 
 class PackedTensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from prebake.convert.order import big_first_in_layers, execution_order
 from prebake.convert.quant_policy import SINGLE, QuantPolicy, choose
-from prebake.formats.errors import FormatError, UsageError
+from prebake.formats.errors import FormatError, UnsupportedError, UsageError
 from prebake.formats.ggml_types import blocks_shape
 from prebake.formats.safetensors_writer import BIG_TENSOR, PAD_PREFIX, Slot, header_bytes, place
 from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo, numel
@@ -175,7 +175,10 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
         logical = t.dtype if t.qtype is None else options.dtype or "F16"
         if options.keep_quant and t.qtype is not None:
             main.append(Planned(t.name, t, logical, "blocks", t.qtype))
-        elif t.name in chosen and not (options.keep_float or t.name in targets):
+            continue
+        if t.qtype is not None:
+            _check_decodable(t)
+        if t.name in chosen and not (options.keep_float or t.name in targets):
             main.append(Planned(t.name, t, logical, "quantize", chosen[t.name]))
         else:
             main.append(_planned(t, options))
@@ -206,6 +209,14 @@ def _unique(tensors: list[TensorInfo]) -> dict[str, TensorInfo]:
                               f"({RESERVED}*); rename it in the checkpoint", t.path)
         by_name[t.name] = t
     return by_name
+
+
+def _check_decodable(t: TensorInfo) -> None:
+    from prebake.formats.quants import can_dequantize
+
+    if not can_dequantize(t.qtype):
+        raise UnsupportedError(f"tensor {t.name!r} is stored as {t.qtype} blocks, which neither prebake nor gguf-py "
+                               "can decode; bake it with --keep-quant to keep the blocks as they are", t.path)
 
 
 def _planned(t: TensorInfo, options: Options) -> Planned:

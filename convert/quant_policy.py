@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from prebake.convert.order import is_embedding, is_head, is_router, layer_of
 from prebake.formats.errors import QuantError
-from prebake.formats.ggml_types import QUANT_SIZES
+from prebake.formats.ggml_types import BLOCK_SIZES
 from prebake.formats.tensor import FLOAT_DTYPES, TensorInfo
 
 SINGLE = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
@@ -72,7 +72,7 @@ def choose(policy: QuantPolicy, tensors: list[TensorInfo]) -> tuple[dict[str, st
 
 
 def _block(qtype: str) -> int:
-    return QUANT_SIZES[qtype][0]
+    return BLOCK_SIZES[qtype][0]
 
 
 def _eligible(policy: QuantPolicy, t: TensorInfo) -> bool:

@@ -55,14 +55,13 @@ def _row_blocks(data: np.ndarray, items: int) -> Iterator[np.ndarray]:
 
 
 def _dequantize(p: Planned, blocks: np.ndarray, chunk: int) -> Iterator[memoryview]:
-    import gguf
+    from prebake.formats.quants import dequantize
 
-    qtype = gguf.GGMLQuantizationType[p.source.qtype]
     dst = numpy_dtype(p.dtype)
     row_elems = p.source.shape[-1] if p.source.shape else 1
     rows_per = max(1, chunk // (4 * row_elems))
     for i in range(0, blocks.shape[0], rows_per):
-        yield _bytes(gguf.quants.dequantize(blocks[i:i + rows_per], qtype).astype(dst, copy=False))
+        yield _bytes(dequantize(blocks[i:i + rows_per], p.source.qtype).astype(dst, copy=False))
 
 
 def _quantize(p: Planned, data: np.ndarray, chunk: int) -> Iterator[memoryview]:
@@ -74,12 +73,12 @@ def _quantize(p: Planned, data: np.ndarray, chunk: int) -> Iterator[memoryview]:
 
 
 def _float_rows(t, rows: np.ndarray) -> np.ndarray:
-    """float32 values of some rows: a cast of plain items, or GGML blocks dequantized as gguf-py does."""
+    """float32 values of some rows: a cast of plain items, or GGML blocks dequantized (as gguf-py does)."""
     if t.qtype is None:
         return np.ascontiguousarray(rows).view(numpy_dtype(t.dtype)).astype(np.float32, copy=False)
-    import gguf
+    from prebake.formats.quants import dequantize
 
-    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[t.qtype])
+    return dequantize(rows, t.qtype)
 
 
 def _bytes(a: np.ndarray) -> memoryview:

@@ -1,25 +1,16 @@
-"""GGML block types: the size of each, and the base every block codec builds on.
+"""GGML types: their ids in GGUF files, and the size of each one's blocks. Plain data, no numpy.
 
 :data:`BLOCK_SIZES` is prebake's one table of GGML types, keyed by gguf-py's names: elements
 and bytes per block as ``ggml-common.h`` and gguf-py's ``GGML_QUANT_SIZES`` define them (a
-test keeps the two equal; plain types are blocks of one element).
-
-:class:`BlockCodec` is the base of the numpy quantizers (:mod:`~prebake.formats.quants_legacy`,
-:mod:`~prebake.formats.quants_k`), which register themselves in :data:`CODECS` by type; the
-work arrays (:class:`Scratch`), the float32 helpers and the :class:`NonFinite` signal below are
-what they share with each other and with the numba kernels. This module imports no codec: the
-driver, :mod:`~prebake.formats.quants`, imports them.
-
-Bit-exactness means doing the references' float32 operations in the references' order: no
-float64, no fused multiply-add, no reassociated sums.
+test keeps the two equal; plain types are blocks of one element). :data:`TYPE_IDS` numbers
+them as ``ggml.h``'s ``enum ggml_type`` does (GGUF's tensor records hold these ids). The load
+path reads this table, so it stays free of numpy; the codecs' base is
+:mod:`~prebake.formats.ggml_codec`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-
-import numpy as np
 
 from .errors import UnsupportedError
 
@@ -35,9 +26,6 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {
     "Q1_0": (128, 18),
 }
 
-F32 = np.float32
-MAGIC = F32(12582912)  # 1.5 * 2**23: llama.cpp's nearest_int adds it and reads the low bits
-HALF_BELOW = np.nextafter(F32(0.5), F32(0))  # trunc(v + copysign(this, v)) is roundf(v), exactly
 
 
 def qtype_name(qtype: object) -> str:
@@ -55,119 +43,14 @@ def blocks_shape(qtype: str, shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), row // elements * size
 
 
-# ---------------------------------------------------------------------------- codec base
+# GGML type id -> name, as ggml.h numbers them (4, 5, 31-33 and 36-38 are retired or unused)
+TYPE_IDS: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+    18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
+    25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
+    39: "MXFP4", 40: "NVFP4", 41: "Q1_0",
+}
+# the block types (several elements per block); the rest are plain items
+QUANT_TYPES = frozenset(name for name, (elements, _) in BLOCK_SIZES.items() if elements > 1)
 
-
-class NonFinite(Exception):
-    """Raised inside a quantizer when a block holds NaN or infinity; the driver reports where."""
-
-
-CODECS: dict[str, type[BlockCodec]] = {}
-
-
-class BlockCodec:
-    """One GGML block format's quantizer, registered by ``qtype`` (gguf-py's ``__Quant`` shape).
-
-    A subclass implements ``quantize_blocks`` over a whole chunk of blocks with numpy and writes
-    into a preallocated output, so the driver never concatenates. Decoding is one function for
-    every type, :func:`prebake.formats.quants.dequantize`.
-    """
-
-    qtype: str
-    block_size: int
-    type_size: int
-    # blocks per codec call: bounds memory (~1 MiB of float32 input at a time) while keeping
-    # numpy's per-call overhead small next to the work
-    chunk_blocks: int = 8192
-
-    def __init_subclass__(cls, qtype: str, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.qtype = qtype
-        cls.block_size, cls.type_size = BLOCK_SIZES[qtype]
-        CODECS[qtype] = cls
-
-    @classmethod
-    def quantize_blocks(cls, x: np.ndarray, out: np.ndarray, ws: Scratch) -> None:
-        """Write blocks ``x`` (n, block_size) float32 into ``out`` (n, type_size) uint8."""
-        raise NotImplementedError(f"{cls.qtype} cannot quantize")
-
-
-class Scratch:
-    """Named work arrays, reused across the chunks of one call.
-
-    A fresh multi-MiB temporary per chunk goes back to the OS when freed and faults its pages in
-    again on the next chunk, which costs more than the arithmetic on it. The arrays are
-    page-aligned: arrays at arbitrary offsets from each other modulo 4 KiB can hit 4K-aliasing
-    stalls that make one pass several times slower.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
-        self._views: dict[tuple[str, tuple[int, ...], type], np.ndarray] = {}
-
-    def __call__(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-        key = (name, shape, dtype)
-        view = self._views.get(key)
-        if view is None:
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-            buf = self._buffers.get(name)
-            if buf is None or buf.size < nbytes:
-                raw = np.empty(nbytes + 4096, np.uint8)
-                start = -raw.ctypes.data % 4096
-                buf = self._buffers[name] = raw[start : start + nbytes]
-                self._views = {k: v for k, v in self._views.items() if k[0] != name}
-            view = self._views[key] = buf[:nbytes].view(dtype).reshape(shape)
-        return view
-
-    def copy(self, name: str, values: np.ndarray) -> np.ndarray:
-        """``values`` copied to a page-aligned work array, ready to broadcast against others."""
-        out = self(name, values.shape, values.dtype.type)
-        np.copyto(out, values)
-        return out
-
-
-# ---------------------------------------------------------------------------- float32 helpers
-
-
-def require_finite(*stats: np.ndarray) -> None:
-    """Per-block maxima/minima carry any NaN or infinity of their block; refuse those."""
-    for s in stats:
-        if not np.isfinite(s).all():
-            raise NonFinite
-
-
-def half_at(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """The fp16 field at byte ``offset`` of each block, as float32 (n, 1)."""
-    return np.ascontiguousarray(blocks[:, offset : offset + 2]).view(np.float16).astype(F32)
-
-
-def store_half(out: np.ndarray, offset: int, v: np.ndarray) -> None:
-    """Write float32 ``v`` as the fp16 field at byte ``offset`` of each block (round to even)."""
-    out.view(np.uint16)[:, offset // 2] = v.astype(np.float16).view(np.uint16)
-
-
-def inverse(d: np.ndarray) -> np.ndarray:
-    """``d ? 1.0f/d : 0.0f`` per block."""
-    return np.where(d == 0, F32(0), F32(1) / d)
-
-
-def full(shape: tuple[int, ...], value: float, dtype: type) -> np.ndarray:
-    """A cached constant array: np.minimum/np.maximum against a scalar are ~5x slower."""
-    return _full(tuple(shape), value, np.dtype(dtype).str)
-
-
-@functools.lru_cache(maxsize=32)
-def _full(shape: tuple[int, ...], value: float, dtype: str) -> np.ndarray:
-    a = np.full(shape, value, dtype)
-    a.flags.writeable = False
-    return a
-
-
-def signed_peak(x: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    """Per block, the first value of largest magnitude (ggml's ``amax``/``max`` loop)."""
-    peak = np.where(hi > -lo, hi, lo)
-    tie = hi == -lo  # +a and -a both present, or an all-zero block: the first one wins
-    if tie.any():
-        t = x[tie]
-        peak[tie] = t[np.arange(t.shape[0]), np.abs(t).argmax(axis=1)]
-    return peak

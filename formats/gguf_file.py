@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from prebake.formats.errors import FormatError, UnsupportedError
-from prebake.formats.ggml_types import QUANT_SIZES
+from prebake.formats.ggml_types import BLOCK_SIZES, TYPE_IDS
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -49,21 +49,6 @@ _TYPE_IDS = {name: t for t, (name, _) in VALUE_TYPES.items()}
 # the fewest bytes one item of each type takes: bounds an array's count before walking it
 _MIN_ITEM = {t: struct.calcsize("<" + code) if code else 8 for t, (_, code) in VALUE_TYPES.items()}
 _MIN_ITEM[ARRAY] = 12  # item type (4) + count (8)
-
-# GGML type id -> name, as ggml.h numbers them (4, 5 and 31-33, 36-38 are retired or unused)
-GGML_TYPES: dict[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
-    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
-    18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
-    25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
-    39: "MXFP4", 40: "NVFP4", 41: "Q1_0",
-}
-# GGML type name -> (elements per block, bytes per block); plain types are blocks of one
-BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "F64": (1, 8),
-    "I8": (1, 1), "I16": (1, 2), "I32": (1, 4), "I64": (1, 8),
-    **QUANT_SIZES, "NVFP4": (64, 36), "Q1_0": (128, 18),  # the last two are newer than QUANT_SIZES
-}
 
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _LAZY = object()
@@ -353,9 +338,9 @@ def _read_tensor_info(r: _Reader, index: int) -> tuple[str, str, tuple[int, ...]
         if d < 1:  # llama.cpp lets 0 through, then divides by it; nothing real has an empty axis
             raise FormatError(f"{what}: dim {axis} is {d} (every dim must be at least 1)", r.path)
     type_id = r.u32(f"{what}: GGML type")
-    if type_id not in GGML_TYPES:
+    if type_id not in TYPE_IDS:
         raise FormatError(f"{what}: GGML type {type_id} is not one GGUF defines", r.path)
-    return name, GGML_TYPES[type_id], dims, r.u64(f"{what}: data offset")
+    return name, TYPE_IDS[type_id], dims, r.u64(f"{what}: data offset")
 
 
 def _alignment(fields: dict[str, Field], path: str) -> int:

@@ -22,7 +22,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .ggml_types import F32, MAGIC
+from .ggml_codec import F32, MAGIC
 
 ZERO = F32(0)
 ONE = F32(1)

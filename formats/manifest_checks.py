@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prebake.formats.dtypes import DTYPE_SIZES, FLOAT_DTYPES, numel
 from prebake.formats.errors import ManifestError
-from prebake.formats.ggml_types import QUANT_SIZES
+from prebake.formats.ggml_types import BLOCK_SIZES, QUANT_TYPES
 
 MAX_DIMS = 16
 
@@ -137,8 +137,8 @@ def _blob_range(t: dict, shards: list, nbytes: int) -> None:
 
 
 def _blocks_nbytes(qtype, shape: list) -> int:
-    _need(qtype in QUANT_SIZES, f"qtype {qtype!r} is not a GGML block type")
-    block, size = QUANT_SIZES[qtype]
+    _need(qtype in QUANT_TYPES, f"qtype {qtype!r} is not a GGML block type")
+    block, size = BLOCK_SIZES[qtype]
     _need(bool(shape) and shape[-1] % block == 0, f"shape {shape} does not end in whole {qtype} blocks")
     return numel(shape) // block * size
 

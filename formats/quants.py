@@ -30,7 +30,8 @@ import numpy as np
 
 from . import quants_k, quants_legacy  # noqa: F401  (importing them registers their codecs)
 from .errors import UnsupportedError
-from .ggml_types import BLOCK_SIZES, CODECS, F32, BlockCodec, NonFinite, Scratch, qtype_name
+from .ggml_codec import CODECS, F32, BlockCodec, NonFinite, Scratch
+from .ggml_types import BLOCK_SIZES, qtype_name
 
 # the types prebake quantizes to, in GGML's order
 QTYPES: tuple[str, ...] = tuple(q for q in BLOCK_SIZES if q in CODECS)

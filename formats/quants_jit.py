@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from .ggml_types import F32, HALF_BELOW, NonFinite
+from .ggml_codec import F32, HALF_BELOW, NonFinite
 from .jit_bits import (
     AMBIGUOUS,
     INF_BITS,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ggml_types import (
+from .ggml_codec import (
     F32,
     MAGIC,
     BlockCodec,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .ggml_types import F32
+from .ggml_codec import F32
 from .jit_bits import (
     FLT_MAX,
     JIT,

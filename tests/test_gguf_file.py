@@ -22,7 +22,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 from prebake.formats.errors import FormatError, PrebakeError, UnsupportedError
-from prebake.formats.gguf_file import BLOCK_SIZES, GGML_TYPES, MAX_NESTING, VALUE_TYPES, open_gguf
+from prebake.formats.ggml_types import BLOCK_SIZES, TYPE_IDS
+from prebake.formats.gguf_file import MAX_NESTING, VALUE_TYPES, open_gguf
 from prebake.formats.gguf_reader import read_gguf
 
 SCALARS = {  # key -> (writer method, value); float32 values exact in float32
@@ -114,8 +115,8 @@ def test_tables_match_gguf_py():
     knows more fails here: add the type to the tables)."""
     assert {t.value: t.name for t in V} == {t: name for t, (name, _) in VALUE_TYPES.items()}
     for t in Q:
-        assert GGML_TYPES[t.value] == t.name and BLOCK_SIZES[t.name] == gguf.GGML_QUANT_SIZES[t], t.name
-    assert set(GGML_TYPES.values()) <= set(BLOCK_SIZES)
+        assert TYPE_IDS[t.value] == t.name and BLOCK_SIZES[t.name] == gguf.GGML_QUANT_SIZES[t], t.name
+    assert set(TYPE_IDS.values()) <= set(BLOCK_SIZES)
 
 
 @pytest.mark.parametrize("alignment", [None, 64, 4096])

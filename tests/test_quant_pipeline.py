@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from prebake.cache import load_from_manifest, load_module, verify
-from prebake.cache.packed import DEQUANTIZERS, PackedTensor
+from prebake.cache.packed import PackedTensor
 from prebake.cache.qlinear import QuantLinear, dequantize_all
 from prebake.convert.bake import convert
 from prebake.convert.plan import Options
 from prebake.convert.quant_policy import QuantPolicy, choose, use_more_bits
+from prebake.formats.errors import PrebakeWarning
 from prebake.formats.manifest import read_manifest
-from prebake.formats.quants import quantize
+from prebake.formats.quants import QTYPES, quantize
 from prebake.formats.tensor import TensorInfo
 
 from tests.conftest import save_llama
@@ -71,7 +72,7 @@ def test_q4_k_m_mix_follows_llama_cpp():
     assert [i for i in range(n) if use_more_bits(i, n)] == [0, 1, 4, 7, 10, 13, 14, 15]
 
 
-@pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS))
+@pytest.mark.parametrize("qtype", sorted(QTYPES))
 def test_torch_dequantize_equals_gguf(qtype):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((8, 512)) * rng.uniform(0.01, 3, (8, 1))).astype(np.float32)
@@ -83,7 +84,7 @@ def test_torch_dequantize_equals_gguf(qtype):
     assert np.array_equal(p.rows(3, 6).dequantize().numpy(), ref[3:6])
 
 
-@pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS))
+@pytest.mark.parametrize("qtype", sorted(QTYPES))
 def test_torch_dequantize_equals_gguf_on_arbitrary_bytes(qtype):
     """Any bytes a file may hold (levels and scales never made by a quantizer), into given memory."""
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
@@ -334,7 +335,8 @@ def test_gguf_blocks_requantized_on_request(tmp):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    m = convert(tmp / "m.gguf", tmp / "out", Options(quant="q8_0"))
+    with pytest.warns(PrebakeWarning, match="quantizes the source's Q4_0 blocks again"):
+        m = convert(tmp / "m.gguf", tmp / "out", Options(quant="q8_0"))
     q = m.tensors["blk.0.ffn_up.weight"]
     assert q.qtype == "Q8_0" and q.dtype == "F16" and q.source_dtype == "Q4_0"
     p = load_from_manifest(tmp / "out")["blk.0.ffn_up.weight"]
