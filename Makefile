@@ -4,7 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  ?=
-OUT    ?= $(if $(MODEL),$(basename $(MODEL:/=))-baked,build/demo-baked)
+# OUT: MODEL's whole name (a checkpoint file's extension dropped) + "-baked": Qwen2.5-0.5B -> Qwen2.5-0.5B-baked
+CKPT_EXT := .bin .pt .pth .safetensors .gguf .ckpt
+SRCNAME = $(MODEL:/=)
+OUT    ?= $(if $(MODEL),$(if $(filter $(suffix $(SRCNAME)),$(CKPT_EXT)),$(basename $(SRCNAME)),$(SRCNAME))-baked,build/demo-baked)
 ARGS   ?=
 
 .PHONY: convert test bench lint clean

@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--max-size", type=parse_size, required=True, help="keep at most this much, e.g. 50GiB")
     _common(gc)
 
+    ck = sub.add_parser("check", help="run the bake and its source on one input and compare their outputs",
+                        description="Load the source and the bake as transformers models (the bake as a user "
+                        "would: from_pretrained, packed where quantized), run both on one fixed input, and "
+                        "compare the outputs: largest absolute difference, cosine, top-1 agreement. Passes when "
+                        "a lossless bake's outputs are equal bit for bit, a quantized or cast bake's within its "
+                        "recipe's tolerance (q8_0 and casts: cosine >= 0.999; q6_k 0.998; q5_*: 0.99; "
+                        "4-bit: 0.98). Where transformers cannot build the model, compares the tensors one by "
+                        "one instead. Exit status 1 when it fails.")
+    ck.add_argument("out", help="bake folder")
+    ck.add_argument("--source", help="the checkpoint the bake was made from (default: the path the manifest names)")
+    ck.add_argument("--tensors", action="store_true", help="compare tensors one by one, not model outputs")
+    _common(ck)
+
     v = sub.add_parser("verify", help="re-check every checksum of a bake",
                        description="Recompute every tensor's and copied file's checksum; report the first "
                        "mismatch by name.")

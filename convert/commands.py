@@ -196,6 +196,61 @@ def cmd_cache(args) -> dict:
     return {"removed": [e.key for e in removed], "bytes": sum(e.bytes for e in removed)}
 
 
+def cmd_check(args) -> dict:
+    from prebake.cache import check
+    from prebake.formats.errors import CheckError
+    from prebake.formats.manifest import read_manifest
+
+    m = read_manifest(args.out)
+    source = args.source or m.source.get("path")
+    if not source or not Path(source).exists():
+        raise UsageError(f"the bake's source {source!r} is not here; name it with --source", args.out)
+    if not args.tensors and check.can_build(source) and check.can_build(m.root):
+        report = check.check_models(m.root, source)
+    else:
+        report = check.check_tensors(m, _source_tensors(source))
+        report.notes.append("transformers cannot build this model (or --tensors): tensors compared one by one")
+    result = {"out": str(m.root), "source": str(source), **report.as_dict()}
+    line = _check_line(report)
+    if not report.ok:
+        raise CheckError(f"check failed: {line}", m.root)
+    if not args.json:
+        print(f"ok: {line}" + "".join(f"\n  {n}" for n in report.notes))
+    return result
+
+
+def _check_line(r) -> str:
+    what = f"{r.tensors} tensors, " if r.mode == "tensors" else "outputs "
+    if r.max_abs_diff == 0:
+        text = f"{what}equal bit for bit"
+    else:
+        text = f"{what}cosine {r.cosine:.6f}, max abs diff {r.max_abs_diff:.4g}"
+        if r.top1 is not None:
+            text += f", top-1 agreement {100 * r.top1:.1f}%"
+        if r.worst:
+            text += f" (furthest: {r.worst})"
+    need = "equality" if r.tolerance.get("exact") else f"cosine >= {r.tolerance['cosine']}"
+    return f"{text}; {r.tolerance['why']} bakes need {need}"
+
+
+def _source_tensors(source) -> dict:
+    """The source checkpoint's tensors as torch tensors (GGML blocks unpacked), by name."""
+    import numpy as np
+    import torch
+    from prebake.cache.load import TORCH_DTYPES
+    from prebake.convert.sources import open_source
+    from prebake.formats.quants import dequantize
+
+    out = {}
+    for t in open_source(source).tensors:
+        if t.qtype:
+            out[t.name] = torch.from_numpy(dequantize(t.read(), t.qtype).reshape(t.shape))
+        else:  # a copy: the source's map is read-only, and torch wants memory it may write
+            raw = np.array(t.read()).view(np.uint8).reshape(-1)
+            out[t.name] = torch.from_numpy(raw).view(TORCH_DTYPES[t.dtype]).reshape(t.shape)
+    return out
+
+
 def _options_text(options: dict) -> str:
     """The options that differ from the defaults, as the command line would spell them."""
     defaults = {"shard_size": 2 << 30, "align": 4096}
@@ -223,5 +278,5 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
+COMMANDS = {"check": cmd_check, "convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
             "warm": cmd_warm, "cache": cmd_cache, "pack": cmd_pack, "unpack": cmd_unpack}

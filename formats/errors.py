@@ -48,6 +48,10 @@ class VerifyError(PrebakeError):
     """A baked tensor or file no longer matches its recorded checksum."""
 
 
+class CheckError(PrebakeError):
+    """A bake does not compute what its source computes (``prebake check``), or cannot be compared."""
+
+
 class UsageError(PrebakeError, ValueError):
     """An argument or option that cannot work (exit code 2, like argparse's own errors)."""
 

@@ -226,3 +226,27 @@ def test_rebake_a_bake_with_another_shard_size(tmp_path, checkpoint):
     check_bake(second, state_dict())
     proc = run("verify", second)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_inspect_and_verify_survive_a_closed_pipe(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    assert main(["convert", str(checkpoint), str(out), "-q"]) == 0
+    for command in ("inspect", "verify"):
+        cmd = f"{sys.executable} -m prebake.convert {command} {out} {'--tensors' if command == 'inspect' else ''} | head -1"
+        res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "Traceback" not in res.stderr and res.stderr == "", res.stderr
+
+
+def test_cache_ls_shows_source_options_and_size(tmp_path, capsys, checkpoint, monkeypatch):
+    from prebake.cache import store
+
+    monkeypatch.setenv("PREBAKE_CACHE", str(tmp_path / "cache"))
+    store.ensure(checkpoint)
+    store.ensure(checkpoint, dtype="BF16")
+    assert main(["cache", "ls", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["entries"]
+    assert len(entries) == 2 and {e["options"]["dtype"] for e in entries} == {None, "BF16"}
+    assert all(e["source"].endswith(checkpoint.name) and e["bytes"] > 0 for e in entries)
+    assert main(["cache", "ls"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("--dtype BF16" in line for line in lines) and any("(defaults)" in line for line in lines)
