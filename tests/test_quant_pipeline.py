@@ -321,7 +321,9 @@ def test_packed_linear_stays_near_the_packed_size(llama8, recipe):
     m = read_manifest(tmp / recipe)
     packed = sum(t.nbytes for t in m.tensors.values() if t.qtype)
     floats = sum(t.nbytes for t in m.tensors.values() if not t.qtype)  # embeddings (tied head) and norms
-    assert grown <= 1.3 * (packed + floats) + activations, (grown, packed, floats, activations)
+    # The activations' measure is an RssAnon difference, which glibc's reuse of freed memory
+    # makes noisy (0.07 to 3.5 MiB measured): at least 2 MiB is allowed for them.
+    assert grown <= 1.25 * (packed + floats) + max(activations, 2 << 20), (grown, packed, floats, activations)
     assert grown < 0.5 * sum(t.nbytes for t in read_manifest(tmp / "float").tensors.values())
 
 
