@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prebake.formats.errors import VerifyError
-from prebake.formats.manifest import BLOCK, Manifest, file_checksum, hasher, read_component, read_manifest
+from prebake.formats.manifest import Manifest, checksum, file_checksum, read_component, read_manifest
 
 
 @dataclass
@@ -59,19 +59,10 @@ def _verify_shard(m: Manifest, index: int, blobs: list, progress) -> int:
         view = memoryview(mm)
         try:
             for name, b in sorted(blobs, key=lambda nb: nb[1].offset):
-                if _hash(view[b.offset:b.offset + b.nbytes], progress) != b.checksum:
+                if checksum(view[b.offset:b.offset + b.nbytes], m.checksum, progress) != b.checksum:
                     form = f"{b.qtype} blocks of " if b.qtype else ""
                     raise VerifyError(f"{form}tensor {name!r} does not match its checksum (corrupted)", shard)
                 done += b.nbytes
         finally:
             view.release()
     return done
-
-
-def _hash(view: memoryview, progress) -> str:
-    h = hasher()
-    for i in range(0, len(view), BLOCK):
-        piece = view[i:i + BLOCK]
-        h.update(piece)
-        progress(len(piece))
-    return h.hexdigest()

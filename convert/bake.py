@@ -20,7 +20,7 @@ from prebake.convert.sources import Source, component_folders, describe_source, 
 from prebake.convert.variants import VariantSpec, add_variants, parse_named
 from prebake.formats import __version__
 from prebake.formats.errors import PrebakeWarning, SpecError
-from prebake.formats.manifest import MANIFEST_NAME, AliasEntry, Manifest, hasher
+from prebake.formats.manifest import MANIFEST_NAME, WHOLE, AliasEntry, Manifest, hasher
 from prebake.formats.safetensors_writer import is_padding
 
 GGUF_METADATA = "gguf_metadata.json"  # every GGUF key-value pair, long arrays included
@@ -66,7 +66,8 @@ def prepare(src: str | os.PathLike, options: Options, variants: list[str] = ()) 
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | None = None, *,
-            force: bool = False, progress=None, variants: list[str] = ()) -> Manifest:
+            force: bool = False, progress=None, variants: list[str] = (), workers: int | None = None,
+            ray: str | bool | None = None) -> Manifest:
     """Bakes the checkpoint at ``src`` into the folder ``out``.
 
     ``src`` is a checkpoint file, a model folder, or a folder of components (diffusers layout:
@@ -75,6 +76,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
     ``progress``, if given, is called once with the total bytes to write and returns the
     callable that is then fed each increment (a tqdm bar's ``update`` fits).
     ``variants`` are ``NAME=SPEC`` texts (see :mod:`prebake.convert.variants`).
+    ``workers``: threads doing the work (default: the cores this process may use); the bake's
+    bytes are the same whatever the number. ``ray``: do the work as tasks on a Ray cluster
+    instead (``True`` or ``"auto"``: ``ray.init()``'s default, a local Ray when none runs; an
+    address: that cluster); ``src`` and ``out`` must then be on storage every node sees.
     Returns the manifest that was written. Raises :class:`~prebake.formats.errors.PrebakeError`
     subclasses for bad input or an unwritable output; on any failure ``out`` is left as it was.
 
@@ -87,16 +92,36 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
         for message in plan.warnings:
             warnings.warn(message, PrebakeWarning, stacklevel=2)
     update = progress(job.total_bytes) if progress else (lambda n: None)
+    run = Run(update, workers, _ray_runner(src, options, ray) if ray else None)
     with output.writing(out, force, job.src, job.total_bytes) as tmp:
         if job.components:
-            return _bake_components(job, tmp, out, options, update)
-        return _bake_one(job.sources[""], job.plans[""], tmp, out, options, update, job.specs)
+            return _bake_components(job, tmp, out, options, run)
+        return _bake_one(job.sources[""], job.plans[""], tmp, out, options, run, job.specs)
 
 
-def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options: Options, update,
-              specs) -> Manifest:
+@dataclass
+class Run:
+    """How the shards get written: progress, local workers, or a runner elsewhere (Ray)."""
+
+    progress: object
+    workers: int | None = None
+    runner: object = None
+
+    def write_shards(self, plan: BakePlan, folder: Path, component: str = ""):
+        runner = self.runner(component) if self.runner else None
+        return execute.write_shards(plan, folder, self.progress, self.workers, runner)
+
+
+def _ray_runner(src, options: Options, address):
+    from prebake.convert.ray_runner import ray_runner
+
+    return lambda component: ray_runner(Path(src), options, component, address)
+
+
+def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options: Options, run: Run,
+              specs, component: str = "") -> Manifest:
     """Writes one model's bake (shards, files, variants, index, manifest) into ``folder``."""
-    shards, tensors = execute.write_shards(plan, folder, update)
+    shards, tensors = run.write_shards(plan, folder, component)
     files = execute.copy_files(source.copy, folder)
     metadata = source.metadata
     if "gguf" in metadata:  # tokenizer arrays can hold 100k+ strings: keep them out of the manifest
@@ -110,7 +135,8 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
                  for a in plan.aliases},
         padding=[s.name for sh in plan.shards for s in sh.slots if is_padding(s.name)],
         files=files, skipped=[{"name": s.name, "kind": s.kind} for s in source.skipped],
-        metadata=metadata, prebake_version=__version__, created=_now(), root=root)
+        metadata=metadata, prebake_version=__version__, created=_now(), checksum=f"{WHOLE}/{options.piece}",
+        root=root)
     if plan.quant_notes:
         manifest.metadata["quant_notes"] = plan.quant_notes
     manifest.files = mark_quantized(folder, manifest, manifest.files)
@@ -120,12 +146,12 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
     return manifest
 
 
-def _bake_components(job: Prepared, folder: Path, root: Path, options: Options, update) -> Manifest:
+def _bake_components(job: Prepared, folder: Path, root: Path, options: Options, run: Run) -> Manifest:
     """Bakes each component into its sub-folder; copies the rest; writes the top manifest."""
     components = {}
     for name, source in job.sources.items():
         (folder / name).mkdir()
-        m = _bake_one(source, job.plans[name], folder / name, root / name, options, update, [])
+        m = _bake_one(source, job.plans[name], folder / name, root / name, options, run, [], name)
         components[name] = {"path": name, "tensors": len(m.tensors), "bytes": m.total_bytes,
                             "format": m.source["format"], "fingerprint": m.source["fingerprint"]}
     src = job.src

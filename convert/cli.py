@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF input: keep its quantized blocks as they are instead of dequantizing")
     c.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    c.add_argument("--workers", type=int, metavar="N",
+                   help="threads doing the work (default: the cores this process may use); the bake's bytes do "
+                   "not depend on N")
+    c.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="do the work as tasks on a Ray cluster (ADDRESS, or a local one when no cluster runs); "
+                   "SRC and OUT must be on storage every node sees (needs prebake[ray])")
     c.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
                    help="add a layer/expert-pruned view (repeatable); SPEC like 'first=1', "
                    "'layers=0-3,22-23;head=no', 'experts=0,3', 'include=GLOB', 'exclude=GLOB'")

@@ -37,8 +37,10 @@ def cmd_convert(args) -> dict:
         if not args.json:
             print(json.dumps(summary, indent=1))
         return summary
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
     m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"),
-                variants=args.variant)
+                variants=args.variant, workers=args.workers, ray=args.ray)
     quantized = sum(1 for t in m.tensors.values() if t.qtype or t.packed)
     result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "quantized": quantized,
               "aliases": len(m.aliases),

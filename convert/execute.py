@@ -1,7 +1,11 @@
-"""Applies a :class:`~prebake.convert.plan.BakePlan`: streams every tensor into its shard.
+"""Applies a :class:`~prebake.convert.plan.BakePlan`: every tensor into its place in its shard.
 
-One tensor at a time, one chunk at a time: each chunk is hashed and written, so resident
-memory stays within a chunk (plus one transformed tensor's rows) whatever the model's size.
+The work is cut into items (:mod:`prebake.convert.work`) done by ``workers`` threads, each
+writing its pieces at their planned offsets in the preallocated shard files, so the bytes do not
+depend on how many workers there are. At most ``2 * workers`` items are in flight, each about
+one checksum piece (16 MiB) of output: memory stays bounded whatever the model's size. A
+runner other than the local pool (a Ray cluster, :mod:`prebake.convert.ray_runner`) does the
+same items elsewhere and hands back the same digests.
 """
 
 from __future__ import annotations
@@ -9,80 +13,82 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prebake.convert.output import guard, writing_file
-from prebake.convert.plan import BakePlan, Planned, ShardPlan
-from prebake.convert.transforms import chunks
-from prebake.formats.errors import FormatError, PrebakeError
-from prebake.formats.manifest import FileEntry, PackedForm, ShardEntry, TensorEntry, file_checksum, hasher
-from prebake.formats.safetensors_writer import ShardWriter
+from prebake.convert.plan import BakePlan
+from prebake.convert.pool import cores, ordered
+from prebake.convert.work import Item, do_item, items, open_shards, planned, start_writeback
+from prebake.formats.manifest import FileEntry, PackedForm, ShardEntry, TensorEntry, combine, file_checksum
 
 Progress = Callable[[int], None]
+# runner(plan, folder, fds, items) -> the digests of every item, as each finishes
+Runner = Callable[[BakePlan, Path, dict, list[Item]], Iterable[list[tuple]]]
 
 
-def write_shards(plan: BakePlan, folder: Path, progress: Progress = lambda n: None
-                 ) -> tuple[list[ShardEntry], dict[str, TensorEntry]]:
+def write_shards(plan: BakePlan, folder: Path, progress: Progress = lambda n: None, workers: int | None = None,
+                 runner: Runner | None = None) -> tuple[list[ShardEntry], dict[str, TensorEntry]]:
     """Writes every shard of ``plan`` into ``folder``; returns the shards' and tensors' manifest
     records, the tensors in execution order."""
-    shards, written = [], {}
+    with guard(folder / (plan.shards[0].file if plan.shards else "")):
+        fds = open_shards(plan, folder)
+    digests: dict[tuple[str, bool], dict[int, bytes]] = {}
+    try:
+        work = list(items(plan))
+        run = runner or local_runner(workers or cores())
+        for item, done in zip(work, run(plan, folder, fds, work), strict=True):
+            for key, index, digest in done:
+                digests.setdefault(key, {})[index] = digest
+            first = item.pieces[0]
+            start_writeback(fds[first.shard], first.at, item.pieces[-1].at + item.pieces[-1].end
+                            - item.pieces[-1].start - first.at)
+            progress(item.nbytes)
+        for index, fd in fds.items():
+            with guard(folder / plan.shards[index].file):
+                os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    shards = [ShardEntry(s.file, s.size, len(s.header)) for s in plan.shards]
+    return shards, tensor_entries(plan, shards, digests)
+
+
+def local_runner(workers: int) -> Runner:
+    """Items done by ``workers`` threads of this process, results yielded in the items' order."""
+    def run(plan: BakePlan, folder: Path, fds: dict, work: list[Item]) -> Iterator[list[tuple]]:
+        tensors = planned(plan)
+
+        def one(item: Item) -> list[tuple]:
+            with guard(folder / plan.shards[item.pieces[0].shard].file):
+                return do_item(item, tensors, fds)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="prebake-convert") as pool:
+            yield from ordered(pool, one, work, 2 * workers)
+
+    return run
+
+
+def tensor_entries(plan: BakePlan, shards: list[ShardEntry], digests: dict) -> dict[str, TensorEntry]:
+    """One record per tensor, in execution order, from where each planned form was placed and
+    the digests of its pieces."""
+    places = {}
     for index, shard in enumerate(plan.shards):
-        shards.append(ShardEntry(shard.file, shard.size, len(shard.header)))
-        written.update(_write_shard(index, shard, folder / shard.file, progress))
-    return shards, tensor_entries(plan, written)
-
-
-def tensor_entries(plan: BakePlan, written: dict[tuple[str, bool], tuple]) -> dict[str, TensorEntry]:
-    """One record per tensor from where each planned form was written ((name, packed) -> place)."""
-    planned = {(p.name, p.packed): p for s in plan.shards for p in s.tensors.values()}
+        for slot in shard.slots:
+            if not slot.is_padding:
+                p = shard.tensors[slot.name]
+                pieces = digests.get((p.name, p.packed), {})
+                checksum = combine([pieces[k] for k in sorted(pieces)])
+                places[(p.name, p.packed)] = (p, (index, len(shard.header) + slot.offset, slot.nbytes, checksum))
     out = {}
     for name in plan.order:
-        p = planned[(name, False)]
-        shard, offset, nbytes, checksum = written[(name, False)]
-        extra = planned.get((name, True))
-        packed = PackedForm(extra.qtype, *written[(name, True)]) if extra else None
+        p, place = places[(name, False)]
+        extra = places.get((name, True))
+        packed = PackedForm(extra[0].qtype, *extra[1]) if extra else None
         source_dtype = None if p.transform in ("copy", "blocks") else p.source.qtype or p.source.dtype
-        out[name] = TensorEntry(p.dtype, list(p.source.shape), shard, offset, nbytes, checksum, p.qtype,
-                                source_dtype, packed)
+        out[name] = TensorEntry(p.dtype, list(p.source.shape), *place, p.qtype, source_dtype, packed)
     return out
-
-
-def _write_shard(index: int, shard: ShardPlan, path: Path, progress: Progress) -> dict[tuple[str, bool], tuple]:
-    written = {}
-    with guard(path):
-        writer = ShardWriter(str(path), shard.header, shard.data_size)
-    try:
-        for slot in shard.slots:
-            if slot.is_padding:
-                with guard(path):
-                    writer.write_zeros(slot.nbytes)
-                continue
-            p = shard.tensors[slot.name]
-            h = hasher()
-            for piece in _source_chunks(p):
-                h.update(piece)
-                with guard(path):
-                    writer.write(piece)
-                progress(len(piece))
-            written[(p.name, p.packed)] = (index, len(shard.header) + slot.offset, slot.nbytes, h.hexdigest())
-        with guard(path):
-            writer.close()
-    finally:
-        writer.abort()
-    return written
-
-
-def _source_chunks(p: Planned) -> Iterator[memoryview]:
-    """The chunks of ``p``; a source that turns out unreadable mid-way is named as the culprit."""
-    try:
-        yield from chunks(p)
-    except OSError as e:
-        raise FormatError(f"cannot read tensor {p.name!r} ({e.strerror or e})", p.source.path) from None
-    except PrebakeError as e:
-        if e.path is None:  # a codec's complaint about the values: say which file and tensor
-            raise type(e)(f"tensor {p.name!r}: {e.message}", p.source.path) from None
-        raise
 
 
 def copy_files(paths: list[Path], folder: Path) -> list[FileEntry]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import queue
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from prebake.convert import output
+from prebake.convert.pool import cores, ordered
 from prebake.formats.archive import (
     CHUNK_SIZE,
     DTYPE_LAYOUTS,
@@ -164,7 +164,7 @@ def pack(bake_dir: str | os.PathLike, archive_path: str | os.PathLike, *, level:
     update = progress(index.raw_bytes) if progress else _ignore
     _check_archive_target(archive, force)
     with output.writing_file(archive) as tmp, output.guard(archive), open(tmp, "wb") as out:
-        _write_archive(bake, index, out, level, threads or _cores(), update)
+        _write_archive(bake, index, out, level, threads or cores(), update)
         out.flush()
         os.fsync(out.fileno())
     return PackReport(archive, len(index.files), len(index.chunks), index.raw_bytes, index.size)
@@ -262,7 +262,7 @@ def unpack_from(reader, out_dir: str | os.PathLike, *, threads: int | None = Non
     with output.writing(out, force) as tmp:
         fds = _create_files(tmp, index)
         try:
-            _extract(reader, index, fds, tmp, threads or _cores(), update)
+            _extract(reader, index, fds, tmp, threads or cores(), update)
             if reader.read(1):
                 raise FormatError(f"archive has data after its last chunk (byte {index.size} on); "
                                   "it is damaged or not what its index says", name)
@@ -330,34 +330,11 @@ def _read_chunks(reader, index: ArchiveIndex, free: queue.SimpleQueue) -> Iterat
         yield i, buf, data
 
 
-def ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """``fn`` of each item, run in ``pool`` with at most ``window`` in flight, yielded in order.
-
-    Items are drawn in the calling thread (so a reader there keeps reading while the pool works);
-    the window bounds memory. On an error, the items not yet started are cancelled.
-    """
-    pending: deque = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for f in pending:
-            f.cancel()
-
-
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Starts writing a finished range to disk now, so the closing fsync has little left to do
     (``POSIX_FADV_DONTNEED`` starts asynchronous writeback of dirty pages; see ShardWriter)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _ignore(n: int) -> None:

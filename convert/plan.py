@@ -13,6 +13,7 @@ from prebake.convert.order import big_first_in_layers, execution_order
 from prebake.convert.quant_policy import SINGLE, QuantPolicy, choose
 from prebake.formats.errors import FormatError, UnsupportedError, UsageError
 from prebake.formats.ggml_types import blocks_shape
+from prebake.formats.manifest import PIECE
 from prebake.formats.safetensors_writer import BIG_TENSOR, PAD_PREFIX, Slot, header_bytes, place
 from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo, numel
 
@@ -35,6 +36,7 @@ class Options:
     quant_only: tuple[str, ...] = ()
     quant_pure: bool = False  # one type for every tensor (default: the output head at Q6_K)
     keep_quant: bool = False  # GGUF blocks stay blocks (no dequantize/requantize round trip)
+    piece: int = PIECE  # checksum piece: the unit of work (the tests make it small)
 
     def __post_init__(self):
         if self.align < 8 or self.align & (self.align - 1):
@@ -49,6 +51,8 @@ class Options:
                              f"{self.quant or 'none'}")
         if self.keep_quant and self.quant:
             raise UsageError("--keep-quant keeps a GGUF's own blocks; --quant makes new ones: choose one")
+        if self.piece < 4096 or self.piece & (self.piece - 1):
+            raise UsageError(f"the checksum piece must be a power of two >= 4096, not {self.piece}")
         if self.keep_float and not self.quant:
             raise UsageError("--keep-float keeps float copies beside quantized blocks: it needs --quant")
 

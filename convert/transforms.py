@@ -1,84 +1,71 @@
-"""Bytes of a planned tensor, produced in bounded chunks.
+"""The bytes of a planned tensor as stored in the bake, produced a range of rows at a time.
 
-A copy hands out slices of the source's memory map (no copy at all when the source is
-contiguous). A cast, a dequantization or a strided source is materialized a few rows at a
-time, so memory stays within a chunk whatever the tensor's size.
+Every planned tensor's output is ``rows`` rows of ``row_bytes`` bytes (:func:`geometry`), and
+:func:`produce` makes any range of them on its own: a copy hands out a slice of the source's
+memory map (no copy at all when the source is contiguous); a cast, a dequantization or a
+quantization computes only those rows. So work can be cut anywhere along the rows and done in
+any order, by any worker, with the same bytes as a whole-tensor pass.
+
+A row is a slice along the first dimension, except where GGML blocks are involved
+(``quantize``, ``dequantize``, ``blocks``): there a row is one row of blocks, all dimensions
+but the last.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
 
 import numpy as np
 from prebake.convert.plan import Planned
 from prebake.formats.tensor import numpy_dtype
 
-CHUNK = 64 << 20
+
+def geometry(p: Planned) -> tuple[int, int]:
+    """(rows, bytes per row) of ``p``'s output; their product is ``p.nbytes``."""
+    shape = p.source.shape
+    if not shape:
+        return (1, p.nbytes) if p.nbytes else (0, 0)
+    blocks = p.qtype is not None or p.source.qtype is not None
+    rows = math.prod(shape[:-1]) if blocks else shape[0]  # block rows: all dims but the last
+    return (rows, p.nbytes // rows) if rows else (0, 0)
 
 
-def chunks(p: Planned, chunk: int = CHUNK) -> Iterator[memoryview]:
-    """Yields the bytes of ``p`` as stored in the bake, in order, each at most about ``chunk``."""
-    data = p.source.read()
+def produce(p: Planned, lo: int, hi: int) -> memoryview:
+    """The output bytes of rows ``lo:hi`` of ``p``."""
+    data = _rows_view(p)[lo:hi]
     if p.transform in ("copy", "blocks"):
-        yield from _copy_chunks(data, chunk)
-    elif p.transform == "quantize":
-        yield from _quantize(p, data, chunk)
-    elif p.transform == "cast":
+        return _bytes(data if data.flags.c_contiguous else np.ascontiguousarray(data))
+    if p.transform == "cast":
         src, dst = numpy_dtype(p.source.dtype), numpy_dtype(p.dtype)
-        for rows in _row_blocks(data, chunk // max(src.itemsize, dst.itemsize)):
-            yield _bytes(np.ascontiguousarray(rows).view(src).astype(dst))
-    elif p.transform == "dequantize":
-        yield from _dequantize(p, data, chunk)
-    else:
-        raise ValueError(f"unknown transform {p.transform!r}")
+        return _bytes(np.ascontiguousarray(data).view(src).astype(dst))
+    if p.transform == "dequantize":
+        from prebake.formats.quants import dequantize
+
+        return _bytes(dequantize(data, p.source.qtype).astype(numpy_dtype(p.dtype), copy=False))
+    if p.transform == "quantize":
+        from prebake.formats.quants import quantize
+
+        return _bytes(quantize(_float_rows(p, data), p.qtype))
+    raise ValueError(f"unknown transform {p.transform!r}")
 
 
-def _copy_chunks(data: np.ndarray, chunk: int) -> Iterator[memoryview]:
-    if data.flags.c_contiguous:
-        flat = _bytes(data)
-        for i in range(0, len(flat), chunk):
-            yield flat[i:i + chunk]
-        return
-    for rows in _row_blocks(data, chunk // data.dtype.itemsize):
-        yield _bytes(np.ascontiguousarray(rows))
-
-
-def _row_blocks(data: np.ndarray, items: int) -> Iterator[np.ndarray]:
-    """Slices along the first axis holding about ``items`` elements each (the whole of a 0-d array)."""
+def _rows_view(p: Planned) -> np.ndarray:
+    """The source as rows (see the module docstring), a view: 0-d becomes one row."""
+    data = p.source.read()
     if data.ndim == 0:
-        yield data.reshape(1)
-        return
-    per_row = max(1, data[0].size if data.shape[0] else 1)
-    step = max(1, items // per_row)
-    for i in range(0, data.shape[0], step):
-        yield data[i:i + step]
+        return data.reshape(1)
+    if p.source.qtype is None and p.qtype is not None and data.ndim > 2:
+        return data.reshape(-1, data.shape[-1])  # quantize: rows of the last dim (a view if it can be)
+    return data
 
 
-def _dequantize(p: Planned, blocks: np.ndarray, chunk: int) -> Iterator[memoryview]:
-    from prebake.formats.quants import dequantize
-
-    dst = numpy_dtype(p.dtype)
-    row_elems = p.source.shape[-1] if p.source.shape else 1
-    rows_per = max(1, chunk // (4 * row_elems))
-    for i in range(0, blocks.shape[0], rows_per):
-        yield _bytes(dequantize(blocks[i:i + rows_per], p.source.qtype).astype(dst, copy=False))
-
-
-def _quantize(p: Planned, data: np.ndarray, chunk: int) -> Iterator[memoryview]:
-    from prebake.formats.quants import quantize
-
-    rows_per = max(1, chunk // (4 * p.source.shape[-1]))  # about `chunk` bytes of float32 at a time
-    for rows in _row_blocks(data, rows_per * data[0].size):  # source rows: items, or a row's blocks
-        yield _bytes(quantize(_float_rows(p.source, rows), p.qtype))
-
-
-def _float_rows(t, rows: np.ndarray) -> np.ndarray:
+def _float_rows(p: Planned, rows: np.ndarray) -> np.ndarray:
     """float32 values of some rows: a cast of plain items, or GGML blocks dequantized (as gguf-py does)."""
-    if t.qtype is None:
-        return np.ascontiguousarray(rows).view(numpy_dtype(t.dtype)).astype(np.float32, copy=False)
+    if p.source.qtype is None:
+        return np.ascontiguousarray(rows).view(numpy_dtype(p.source.dtype)).astype(np.float32, copy=False)
     from prebake.formats.quants import dequantize
 
-    return dequantize(rows, t.qtype)
+    return dequantize(rows, p.source.qtype)
 
 
 def _bytes(a: np.ndarray) -> memoryview:

@@ -34,7 +34,7 @@ NONE32 = np.int32(-1)
 INF_BITS = 0x7F800000  # magnitude bits at and above this are infinity or NaN
 
 OK, AMBIGUOUS = -1, -2
-JIT = {"cache": True, "error_model": "numpy"}  # numpy: x/0 is inf/NaN, as in C, not an exception
+JIT = {"cache": True, "nogil": True, "error_model": "numpy"}  # numpy: x/0 is inf/NaN, as in C; nogil: workers in threads run at once
 _I32 = ir.IntType(32)
 
 

@@ -35,6 +35,12 @@ A manifest is input like any other: :func:`read_manifest` checks every field (ty
 paths that stay inside the bake after resolving symlinks, byte ranges inside their shards,
 aliases inside their targets) and raises :class:`ManifestError` naming the entry otherwise.
 
+Checksums (``"checksum": "xxh3_128/16777216"``: the hash and the piece size P): a byte range
+of at most P bytes has the XXH3-128 of its bytes; a longer one the XXH3-128 of the concatenated
+16-byte digests of its P-byte pieces (the last one shorter), in order. Pieces can be made, written and
+checked by different workers, in any order, and a reader can check each as it passes.
+Version-1 manifests (``"xxh3_128"``) hash every range whole.
+
 Why xxh3-128: verification should run at disk speed. XXH3 hashes at tens of GB/s on one core,
 far above any disk, and 128 bits make an accidental match impossible in practice. The checksum
 guards against corruption (bit rot, truncated copies), not tampering, so a cryptographic hash
@@ -55,8 +61,10 @@ from prebake.formats.manifest_checks import check_manifest
 MANIFEST_NAME = "manifest.json"
 FORMAT = "prebake"
 VERSION = 2
-CHECKSUM = "xxh3_128"
-BLOCK = 16 << 20  # bytes hashed per call: large enough for full speed, small enough to stay cached
+WHOLE = "xxh3_128"  # version 1's: every range hashed whole
+PIECE = 16 << 20  # bytes per checksum piece; also bytes hashed per call (full speed, still cached)
+CHECKSUM = f"{WHOLE}/{PIECE}"
+BLOCK = PIECE
 
 # Entries are plain namedtuples and Manifest a plain class: immutable records, and several times
 # cheaper to define at import than dataclasses or typing.NamedTuple, which matters on the load
@@ -235,6 +243,47 @@ def hasher():
     import xxhash
 
     return xxhash.xxh3_128()
+
+
+def piece_digest(data) -> bytes:
+    """The 16-byte digest of one piece of at most :data:`PIECE` bytes."""
+    import xxhash
+
+    return xxhash.xxh3_128_digest(data)
+
+
+def combine(digests: list[bytes]) -> str:
+    """The checksum of a byte range from its pieces' digests, in order (see the module docstring)."""
+    if len(digests) == 1:
+        return digests[0].hex()
+    if not digests:
+        return hasher().hexdigest()
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(b"".join(digests))
+
+
+def piece_size(scheme: str) -> int | None:
+    """The piece size of a checksum scheme (``"xxh3_128/16777216"``), None for whole-range hashing."""
+    return None if scheme == WHOLE else int(scheme.rpartition("/")[2])
+
+
+def checksum(data, scheme: str = CHECKSUM, progress=None) -> str:
+    """The checksum of a whole byte range (a memoryview, bytes) under ``scheme``; ``progress``,
+    if given, is called with the bytes hashed after each piece."""
+    view = memoryview(data).cast("B")
+    size = piece_size(scheme)
+    whole = hasher() if size is None else None
+    digests = []
+    for i in range(0, len(view), size or BLOCK):
+        piece = view[i:i + (size or BLOCK)]
+        if whole is not None:
+            whole.update(piece)
+        else:
+            digests.append(piece_digest(piece))
+        if progress is not None:
+            progress(len(piece))
+    return whole.hexdigest() if whole is not None else combine(digests)
 
 
 def file_checksum(path: str | os.PathLike) -> str:

@@ -32,6 +32,8 @@ def check_manifest(d: dict, mp: Path, build: Callable):
         for key in ("source", "options"):
             where = key
             _need(isinstance(d.get(key), dict), "is not an object")
+        where = "checksum"
+        _checksum_scheme(d.get("checksum"))
         paths = _Paths(root)
         where = "shards"
         shards = _list(d.get("shards"))
@@ -95,6 +97,14 @@ def _shape(x, what: str = "shape") -> list:
     _need(isinstance(x, list) and len(x) <= MAX_DIMS and all(type(d) is int and d >= 0 for d in x),
           f"{what} is not a list of at most {MAX_DIMS} non-negative integers")
     return x
+
+
+def _checksum_scheme(x) -> None:
+    """``xxh3_128`` (whole ranges) or ``xxh3_128/P``, P a power of two from 4 KiB to 1 GiB."""
+    name, _, size = x.partition("/") if type(x) is str else ("", "", "")
+    ok = name == "xxh3_128" and (size == "" or (size.isdigit() and 4096 <= int(size) <= 1 << 30
+                                                and int(size) & (int(size) - 1) == 0))
+    _need(ok, f"{x!r} is not a checksum scheme prebake knows")
 
 
 def _checksum(x) -> None:

@@ -9,7 +9,6 @@ an ``align`` boundary; offsets aligned inside the buffer are then aligned in the
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 
@@ -108,58 +107,3 @@ def header_bytes(slots: list[Slot], metadata: dict[str, str], align: int) -> byt
     total = 8 + len(body)
     body += b" " * (-total % max(align, 8))
     return struct.pack("<Q", len(body)) + body
-
-
-WRITEBACK_WINDOW = 64 << 20
-
-
-class ShardWriter:
-    """Writes one shard through an unbuffered file, checking it ends at the size the header promised.
-
-    Every ``WRITEBACK_WINDOW`` bytes it asks the kernel to start writing the finished window
-    back (``posix_fadvise(DONTNEED)`` starts asynchronous writeback of dirty pages). With lots of
-    RAM the kernel would otherwise hold everything dirty until the final ``fsync``, leaving the
-    disk idle while we read and hash; this way the disk works alongside us.
-    """
-
-    def __init__(self, path: str, header: bytes, data_size: int):
-        self.path = path
-        self.expected = len(header) + data_size
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.pos = 0
-        self.flushed = 0
-        try:
-            self.write(header)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.pos += n
-        if self.pos - self.flushed >= WRITEBACK_WINDOW:
-            os.posix_fadvise(self.fd, self.flushed, self.pos - self.flushed, os.POSIX_FADV_DONTNEED)
-            self.flushed = self.pos
-
-    def write_zeros(self, n: int) -> None:
-        self.write(bytes(n))
-
-    def close(self, sync: bool = True) -> None:
-        """Checks the size and flushes the file to disk; the descriptor is closed either way."""
-        fd, self.fd = self.fd, -1
-        try:
-            if self.pos != self.expected:
-                raise RuntimeError(f"{self.path}: wrote {self.pos} bytes, header promised {self.expected}")
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def abort(self) -> None:
-        """Closes the descriptor if :meth:`close` has not (closing a number twice could close another file)."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import prebake.formats.safetensors_writer as safetensors_writer
+import prebake.convert.work as shard_writer
 import pytest
 import torch
 from prebake.cache.integrity import verify
@@ -433,7 +433,7 @@ def test_folder_with_a_corrupt_shard_names_the_shard(tmp_path):
 
 
 class FullDisk:
-    """Stands in for the ``os`` module of the shard writer: ``write`` fails after ``room`` bytes."""
+    """Stands in for the ``os`` module of the shard writer: ``pwrite`` fails after ``room`` bytes."""
 
     def __init__(self, room: int):
         self.room = room
@@ -441,12 +441,12 @@ class FullDisk:
     def __getattr__(self, name):
         return getattr(os, name)
 
-    def write(self, fd, data):
+    def pwrite(self, fd, data, offset):
         n = min(len(memoryview(data).cast("B")), self.room)
         if n == 0:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.room -= n
-        return os.write(fd, memoryview(data).cast("B")[:n])
+        return os.pwrite(fd, memoryview(data).cast("B")[:n], offset)
 
 
 def open_fds() -> set[str]:
@@ -458,7 +458,7 @@ def test_disk_full_while_writing(tmp_path, monkeypatch, room):
     src = save_torch(tmp_path / "model.bin", small_state_dict())
     out = tmp_path / "out"
     seen = manifests(tmp_path)
-    monkeypatch.setattr(safetensors_writer, "os", FullDisk(room))
+    monkeypatch.setattr(shard_writer, "os", FullDisk(room))
     with pytest.raises(OutputError, match="no space left") as info:
         convert(src, out)
     assert out.name in str(info.value)
@@ -468,7 +468,7 @@ def test_disk_full_while_writing(tmp_path, monkeypatch, room):
 def test_disk_full_in_header_closes_the_shard(tmp_path, monkeypatch):
     src = save_torch(tmp_path / "model.bin", small_state_dict())
     fds = open_fds()
-    monkeypatch.setattr(safetensors_writer, "os", FullDisk(0))
+    monkeypatch.setattr(shard_writer, "os", FullDisk(0))
     with pytest.raises(OutputError):
         convert(src, tmp_path / "out")
     assert open_fds() == fds
@@ -477,7 +477,7 @@ def test_disk_full_in_header_closes_the_shard(tmp_path, monkeypatch):
 def test_disk_full_from_the_cli(tmp_path, monkeypatch, capsys):
     src = save_torch(tmp_path / "model.bin", small_state_dict())
     out = tmp_path / "out"
-    monkeypatch.setattr(safetensors_writer, "os", FullDisk(5000))
+    monkeypatch.setattr(shard_writer, "os", FullDisk(5000))
     assert main(["convert", str(src), str(out)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("prebake: error:") and "no space left" in err[0]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import prebake.formats.safetensors_writer as safetensors_writer
+import prebake.convert.execute as execute
 import pytest
 import torch
 import transformers
@@ -148,7 +148,7 @@ def test_disk_full_at_fsync_is_one_line(tmp_path, monkeypatch, capsys):
     src = save_torch(tmp_path / "model.bin", small_state_dict())
     out = tmp_path / "out"
     fds = set(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(safetensors_writer, "os", FsyncFull())
+    monkeypatch.setattr(execute, "os", FsyncFull())
     assert main(["convert", str(src), str(out)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "no space left" in err[0] and str(out / "model.safetensors") in err[0], err
@@ -157,12 +157,12 @@ def test_disk_full_at_fsync_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_bug_in_a_transform_is_a_traceback_not_bad_input(tmp_path, monkeypatch):
-    import prebake.convert.transforms as transforms
+    import prebake.convert.work as work
 
-    def broken(data, chunk):
+    def broken(p, lo, hi):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(transforms, "_copy_chunks", broken)
+    monkeypatch.setattr(work, "produce", broken)
     src = save_torch(tmp_path / "model.bin", small_state_dict())
     with pytest.raises(ValueError, match="a bug"):
         main(["convert", str(src), str(tmp_path / "out")])
