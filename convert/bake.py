@@ -1,8 +1,6 @@
 """``convert()``: one checkpoint in, one finished bake out (or nothing at all).
 
-:func:`prepare` is the front end every conversion shares, ``--dry-run`` included: it finds
-what ``src`` holds (one model, or a folder of components), reads every tensor's description,
-checks the variant specs and plans each bake, all before a byte is written.
+The front end (:func:`~prebake.convert.prepare.prepare`) reads and plans; this module writes.
 """
 
 from __future__ import annotations
@@ -15,54 +13,17 @@ from pathlib import Path
 
 from prebake.convert import execute, output
 from prebake.convert.hf_files import hf_index, mark_quantized
-from prebake.convert.plan import BakePlan, Options, plan_bake
-from prebake.convert.sources import Source, component_folders, describe_source, open_source
-from prebake.convert.variants import VariantSpec, add_variants, parse_named
+from prebake.convert.plan import BakePlan, Options
+from prebake.convert.prepare import Prepared, prepare
+from prebake.convert.sources import Source, describe_source
+from prebake.convert.variants import add_variants
 from prebake.formats import __version__
-from prebake.formats.errors import PrebakeWarning, SpecError
+from prebake.formats.errors import PrebakeWarning
 from prebake.formats.manifest import MANIFEST_NAME, WHOLE, AliasEntry, Manifest, hasher
 from prebake.formats.safetensors_writer import is_padding
 
 GGUF_METADATA = "gguf_metadata.json"  # every GGUF key-value pair, long arrays included
 SHORT_LIST = 64
-
-
-@dataclass
-class Prepared:
-    """What a conversion of ``src`` will write: its sources, their plans, the variants asked for.
-
-    ``sources``/``plans`` are keyed by component name, ``""`` for a single model.
-    """
-
-    src: Path
-    components: bool
-    sources: dict[str, Source]
-    plans: dict[str, BakePlan]
-    specs: list[tuple[str, VariantSpec]]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(p.total_bytes for p in self.plans.values())
-
-    def summary(self) -> dict:
-        """A JSON-ready description of every plan (what ``--dry-run`` prints)."""
-        plans = {name: plan.summary() for name, plan in self.plans.items()}
-        if not self.components:
-            return {"src": str(self.src), "bytes": self.total_bytes, **plans[""],
-                    "variants": [name for name, _ in self.specs]}
-        return {"src": str(self.src), "bytes": self.total_bytes, "components": plans}
-
-
-def prepare(src: str | os.PathLike, options: Options, variants: list[str] = ()) -> Prepared:
-    """Reads and plans the conversion of ``src``; writes nothing."""
-    src = Path(src)
-    specs = [parse_named(v) for v in variants]  # bad specs fail before any work
-    parts = component_folders(src)
-    if parts and specs:
-        raise SpecError("variants apply to one model; add them to a component's folder instead")
-    sources = {name: open_source(p) for name, p in parts.items()} if parts else {"": open_source(src)}
-    plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem) for name, s in sources.items()}
-    return Prepared(src, bool(parts), sources, plans, specs)
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | None = None, *,

@@ -31,7 +31,7 @@ def cmd_convert(args) -> dict:
                       quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only), quant_pure=args.quant_pure,
                       keep_quant=args.keep_quant)
     if args.dry_run:
-        from prebake.convert.bake import prepare
+        from prebake.convert.prepare import prepare
 
         summary = prepare(args.src, options, args.variant).summary()
         if not args.json:

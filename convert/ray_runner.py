@@ -86,7 +86,7 @@ def do_items(src: str, options: Options, component: str, folder: str, items: lis
     """A task: the items' pieces written into the shard files in ``folder``; their digests."""
     key = (src, options, component)
     if key not in _plans:
-        from prebake.convert.bake import prepare
+        from prebake.convert.prepare import prepare
 
         plan = prepare(src, options).plans[component]
         _plans.clear()  # one bake at a time per worker: keep its plan, drop the last one's
