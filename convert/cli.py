@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--level", type=int, default=3,
                     help="zstd level of plain bytes (headers, integers, files); float planes use "
                     "entropy-coding settings of their own (default 3)")
-    pk.add_argument("--threads", type=int, help="compression threads (default: the usable cores)")
+    pk.add_argument("--workers", "--threads", dest="threads", type=int, metavar="N",
+                    help="compression threads (default: the cores this process may use)")
     pk.add_argument("--force", action="store_true", help="replace ARCHIVE even if it is not an archive")
     _common(pk)
 
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checksum) into OUT, byte-identical to the packed bake. A damaged chunk is named.")
     up.add_argument("archive", help="archive written by 'prebake pack'")
     up.add_argument("out", help="output folder")
-    up.add_argument("--threads", type=int, help="decompression threads (default: the usable cores)")
+    up.add_argument("--workers", "--threads", dest="threads", type=int, metavar="N",
+                    help="decompression threads (default: the cores this process may use)")
     up.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
     _common(up)
 

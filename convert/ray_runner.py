@@ -77,8 +77,14 @@ def _connect(address):
     if not ray.is_initialized():
         import logging
 
-        ray.init(address=None if address in (True, "auto", "") else address, log_to_driver=False,
-                 include_dashboard=False, logging_level=logging.WARNING)
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        if address not in (True, "auto", ""):
+            ray.init(address=address, **quiet)
+        else:  # the cluster this machine belongs to (`ray start`), else a local Ray of our own
+            try:
+                ray.init(address="auto", **quiet)
+            except ConnectionError:
+                ray.init(include_dashboard=False, **quiet)
     return ray
 
 
