@@ -96,7 +96,7 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
 def _tensor(shards: _Shards, e: TensorEntry, form: str) -> tuple[torch.Tensor | PackedTensor, tuple]:
     """The tensor ``e`` in the form asked for ("plain", "packed" or "unpack"), and the bytes it maps."""
     if form == "plain":
-        return view(shards[e.shard], TORCH_DTYPES[e.dtype], e.offset, e.shape), (e.shard, e.offset, e.nbytes)
+        return shards.view(e.shard, e.dtype, e.offset, e.shape), (e.shard, e.offset, e.nbytes)
     from prebake.cache.packed import PackedTensor
     from prebake.formats.ggml_types import blocks_shape
 
@@ -137,10 +137,36 @@ class _Shards(dict):
     def __init__(self, m: Manifest):
         super().__init__()
         self.m = m
+        self.bases: dict[tuple[int, str], torch.Tensor] = {}
+        self.strides: dict[tuple, tuple] = {}
 
     def __missing__(self, index: int) -> torch.UntypedStorage:
         storage = self[index] = map_shard(self.m.shard_path(index), self.m.shards[index].size)
         return storage
+
+    def view(self, index: int, dtype: str, offset: int, shape: list) -> torch.Tensor:
+        """A tensor of ``dtype`` and ``shape`` at byte ``offset`` of shard ``index``: one
+        ``as_strided`` of a base tensor per shard and dtype, the cheapest view torch makes (a load
+        of 7,720 expert tensors makes 7,720 of them)."""
+        base = self.bases.get((index, dtype))
+        if base is None:
+            t = TORCH_DTYPES[dtype]
+            storage = self[index]
+            base = self.bases[(index, dtype)] = torch.empty(0, dtype=t).set_(storage, 0,
+                                                                             (storage.nbytes() // t.itemsize,))
+        key = tuple(shape)
+        strides = self.strides.get(key)
+        if strides is None:
+            strides = self.strides[key] = _contiguous_strides(key)
+        return base.as_strided(key, strides, offset // base.itemsize)
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def map_shard(path: Path, size: int) -> torch.UntypedStorage:

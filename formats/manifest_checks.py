@@ -16,6 +16,7 @@ from pathlib import Path
 from prebake.formats.dtypes import DTYPE_SIZES, FLOAT_DTYPES, numel
 from prebake.formats.errors import ManifestError
 from prebake.formats.ggml_types import BLOCK_SIZES, QUANT_TYPES
+from prebake.formats.manifest_records import COLUMNS, REQUIRED, PackedForm, TensorEntry
 
 MAX_DIMS = 16
 
@@ -44,7 +45,7 @@ def check_manifest(d: dict, mp: Path, build: Callable):
             _need(s["file"] not in files, "names a shard listed before")
             files.add(s["file"])
         where = "tensors"
-        tensors = _dict(d.get("tensors"))
+        tensors = _records(d.get("tensors"))
         for name, t in tensors.items():
             where = f"tensor {name!r}"
             _tensor(t, shards)
@@ -70,7 +71,7 @@ def check_manifest(d: dict, mp: Path, build: Callable):
             paths.inside(c.get("path"), folder=True)
     except _Bad as e:
         raise ManifestError(f"{where}: {e}", mp) from None
-    return build(d, root)
+    return build(d, root, tensors)
 
 
 def _need(ok: bool, what: str) -> None:
@@ -135,55 +136,71 @@ def _shard(s, paths: _Paths) -> None:
           "data_offset is not inside the shard")
 
 
-def _blob_range(t: dict, shards: list, nbytes: int) -> None:
-    shard = t.get("shard")
+def _records(table) -> dict[str, TensorEntry]:
+    """The tensor table's columns as one record per tensor (names unique, columns of one length)."""
+    _need(isinstance(table, dict) and all(c in table for c in REQUIRED), f"is not a table with columns {REQUIRED}")
+    names = _list(table["name"])
+    columns = [table.get(c) for c in COLUMNS[1:]]
+    n = len(names)
+    _need(all(c is None or (isinstance(c, list) and len(c) == n) for c in columns),
+          f"columns are not lists of {n} values")
+    _need(all(type(x) is str for x in names) and len(set(names)) == n, "names are not distinct strings")
+    columns = [c if c is not None else [None] * n for c in columns]
+    packed = columns[-1]
+    for i, p in enumerate(packed):
+        if p is not None:
+            _need(isinstance(p, dict) and set(p) == set(PackedForm._fields),
+                  f"packed form of {names[i]!r} is not a record of {PackedForm._fields}")
+            packed[i] = PackedForm(**p)
+    return dict(zip(names, map(TensorEntry, *columns), strict=True))
+
+
+def _blob_range(t, shards: list, nbytes: int) -> None:
+    shard = t.shard
     _need(type(shard) is int and 0 <= shard < len(shards), f"shard {shard!r} is not a shard index")
     s = shards[shard]
-    offset = t.get("offset")
-    _need(t.get("nbytes") == nbytes, f"nbytes {t.get('nbytes')!r} is not the {nbytes} its shape calls for")
+    offset = t.offset
+    _need(t.nbytes == nbytes, f"nbytes {t.nbytes!r} is not the {nbytes} its shape calls for")
     _need(type(offset) is int and s["data_offset"] <= offset and offset + nbytes <= s["size"],
           f"bytes [{offset!r}, +{nbytes}) are not inside shard {shard}'s data")
-    _checksum(t.get("checksum"))
+    _checksum(t.checksum)
 
 
 def _blocks_nbytes(qtype, shape: list) -> int:
-    _need(qtype in QUANT_TYPES, f"qtype {qtype!r} is not a GGML block type")
+    _need(type(qtype) is str and qtype in QUANT_TYPES, f"qtype {qtype!r} is not a GGML block type")
     block, size = BLOCK_SIZES[qtype]
     _need(bool(shape) and shape[-1] % block == 0, f"shape {shape} does not end in whole {qtype} blocks")
     return numel(shape) // block * size
 
 
-def _tensor(t, shards: list) -> None:
-    _need(isinstance(t, dict), "is not an object")
-    dtype, shape = t.get("dtype"), _shape(t.get("shape"))
-    _need(dtype in DTYPE_SIZES, f"dtype {dtype!r} is not a safetensors dtype")
-    qtype = t.get("qtype")
+def _tensor(t: TensorEntry, shards: list) -> None:
+    dtype, shape = t.dtype, _shape(t.shape)
+    _need(type(dtype) is str and dtype in DTYPE_SIZES, f"dtype {dtype!r} is not a safetensors dtype")
+    qtype = t.qtype
     if qtype is None:
         _blob_range(t, shards, numel(shape) * DTYPE_SIZES[dtype])
-        _need(t["offset"] % DTYPE_SIZES[dtype] == 0, f"offset {t['offset']} is not a multiple of the item size")
+        _need(t.offset % DTYPE_SIZES[dtype] == 0, f"offset {t.offset} is not a multiple of the item size")
     else:
         _need(dtype in FLOAT_DTYPES, f"blocks decode to {dtype!r}, which is not a float dtype")
         _blob_range(t, shards, _blocks_nbytes(qtype, shape))
-    _need(t.get("source_dtype") is None or type(t["source_dtype"]) is str, "source_dtype is not a string")
-    packed = t.get("packed")
-    if packed is not None:
-        _need(isinstance(packed, dict) and qtype is None and dtype in FLOAT_DTYPES,
-              "packed form is not an object beside float bytes")
-        _blob_range(packed, shards, _blocks_nbytes(packed.get("qtype"), shape))
+    _need(t.source_dtype is None or type(t.source_dtype) is str, "source_dtype is not a string")
+    if t.packed is not None:
+        _need(qtype is None and dtype in FLOAT_DTYPES, "packed form is not beside float bytes")
+        _blob_range(t.packed, shards, _blocks_nbytes(t.packed.qtype, shape))
 
 
 def _alias(name: str, a, tensors: dict) -> None:
     _need(isinstance(a, dict) and type(a.get("target")) is str, "is not an object naming its target")
     target = tensors.get(a["target"])
     _need(name not in tensors, "is also a stored tensor")
-    _need(target is not None and target.get("qtype") is None, f"target {a.get('target')!r} is not a stored "
+    _need(target is not None and target.qtype is None, f"target {a.get('target')!r} is not a stored "
           "tensor of plain items")
     shape, strides = _shape(a.get("shape")), _shape(a.get("strides"), "strides")
     _need(len(shape) == len(strides), "shape and strides differ in length")
     start = _int(a.get("storage_offset"), "storage_offset")
     if numel(shape):
         last = start + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
-        _need(last < numel(target["shape"]), f"reaches element {last}, past its target's {numel(target['shape'])}")
+        _need(last < numel(target.shape), f"reaches element {last}, past its target's {numel(target.shape)}")
 
 
 def _file(f, paths: _Paths) -> None:
@@ -199,8 +216,8 @@ def _variant(v, tensors: dict, aliases: dict, paths: _Paths) -> None:
         _need(isinstance(e, dict), f"tensor {vname!r} is not an object")
         source = e.get("source")
         _need(type(source) is str, f"tensor {vname!r} does not name its source")
-        stored = tensors.get(source) or aliases.get(source)
-        shape = stored["shape"] if stored else None
+        stored = tensors.get(source)
+        shape = stored.shape if stored else aliases[source]["shape"] if source in aliases else None
         _need(shape is not None, f"tensor {vname!r} maps to {source!r}, which the bake does not hold")
         rows = e.get("rows")
         if rows is not None:

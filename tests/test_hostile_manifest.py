@@ -23,6 +23,7 @@ from prebake.convert.cli import main
 from prebake.convert.pack import pack, unpack
 from prebake.formats.errors import ManifestError, PrebakeError
 from prebake.formats.manifest import read_manifest
+from prebake.formats.manifest_records import REQUIRED
 
 from tests.test_bad_input import save_torch
 
@@ -88,7 +89,12 @@ def test_a_component_path_that_is_not_a_sub_folder(bake, capsys, path):
     ("offset", 4097, "multiple of the item size"),
 ])
 def test_a_tensor_record_that_lies(bake, capsys, field, value, says):
-    edit(bake, lambda d: d["tensors"]["layers.0.w"].update({field: value}))
+    def change(d):
+        table = d["tensors"]
+        row = table["name"].index("layers.0.w")
+        table.setdefault(field, [None] * len(table["name"]))[row] = value
+
+    edit(bake, change)
     refused_everywhere(bake, capsys, "tensor 'layers.0.w'", says)
 
 
@@ -112,7 +118,8 @@ def test_a_nested_component_is_refused(tmp_path, bake):
     shutil.copytree(bake, outer / "c")
     edit(outer / "c", lambda d: d.update(components={"d": {"path": "model.safetensors"}}))
     (outer / "manifest.json").write_text(json.dumps({**json.loads((bake / "manifest.json").read_text()),
-                                                     "shards": [], "tensors": {}, "aliases": {}, "variants": {},
+                                                     "shards": [], "tensors": {c: [] for c in REQUIRED},
+                                                     "aliases": {}, "variants": {},
                                                      "files": [], "components": {"c": {"path": "c"}}}))
     with pytest.raises(ManifestError, match="nests one level only"):
         load_from_manifest(outer, component="c")
