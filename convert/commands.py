@@ -64,8 +64,10 @@ def cmd_convert(args) -> dict:
 
 def cmd_export(args) -> dict:
     from prebake.convert.export import export_gguf, plan_export
-    from prebake.convert.quant_policy import QuantPolicy
+    from prebake.convert.quant_policy import SINGLE, QuantPolicy
 
+    if args.quant_pure and args.quant not in SINGLE:
+        raise UsageError(f"--quant-pure needs --quant with a single type, not {args.quant or 'none'}")
     policy = args.quant and QuantPolicy(args.quant, args.quant_embeddings, tuple(args.quant_skip), (), args.quant_pure)
     if args.dry_run:
         plan = plan_export(args.out, args.outtype, policy or None, args.tokenizer_pre)

@@ -55,6 +55,7 @@ class ExportPlan:
     spec: ArchSpec | None = None
     hparams: dict = field(default_factory=dict, repr=False)
     tokenizer_pre: str | None = None
+    retyped: bool = False  # a GGUF bake exported with other types than it came with: general.file_type changes
 
     @property
     def total_bytes(self) -> int:
@@ -108,14 +109,13 @@ def export_gguf(bake: str | os.PathLike | Manifest, path: str | os.PathLike, out
     path = Path(path)
     _check_output(path, force)
     update = progress(plan.total_bytes) if progress else (lambda n: None)
-    with output.writing_file(path) as tmp:
+    with output.writing_file(path) as tmp, output.guard(path):
         w = gguf.GGUFWriter(tmp, plan.arch)
         try:
             _write(w, plan, update)
         finally:
             w.close()
-        with output.guard(path):
-            output.fsync_path(tmp)
+        output.fsync_path(tmp)
     return {"out": str(path.resolve()), **plan.summary()}
 
 
@@ -149,9 +149,8 @@ def _add_metadata(w, plan: ExportPlan) -> None:
         if isinstance(alignment, int) and alignment > 0 and not alignment & (alignment - 1):
             w.data_alignment = alignment
             w.add_custom_alignment(alignment)
-        changed = plan.file_type != meta.get("general.file_type", plan.file_type)
         add_metadata(w, meta, m.metadata.get("gguf_types"),
-                     {"general.file_type": (plan.file_type, "UINT32")} if changed else None)
+                     {"general.file_type": (plan.file_type, "UINT32")} if plan.retyped else None)
         return
     from prebake.convert.gguf_vocab import add_vocab
 
@@ -199,10 +198,10 @@ def _gguf_named(m: Manifest, tensors: dict) -> bool:
 def _plan_gguf(m: Manifest, tensors, dtype, chosen, policy) -> ExportPlan:
     meta = m.metadata["gguf"]
     planned = plan_passthrough(tensors, dtype, chosen)
-    file_type = meta.get("general.file_type")
-    if dtype or policy or not isinstance(file_type, int):
+    file_type, retyped = meta.get("general.file_type"), bool(dtype or policy)
+    if retyped or not isinstance(file_type, int):
         file_type = _file_type(m, planned, policy)
-    return ExportPlan(m, meta["general.architecture"], "gguf", planned, file_type)
+    return ExportPlan(m, meta["general.architecture"], "gguf", planned, file_type, retyped=retyped)
 
 
 def _config(m: Manifest) -> dict:

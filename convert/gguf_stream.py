@@ -16,7 +16,7 @@ from prebake.convert.gguf_tensors import ExportTensor, Part
 from prebake.formats.dtypes import DTYPE_SIZES
 from prebake.formats.tensor import numpy_dtype
 
-CHUNK = 32 << 20  # float32 bytes of one window
+CHUNK = 16 << 20  # float32 bytes of one window: a cast or quantization holds about three
 
 
 def source_rows(part: Part) -> np.ndarray:
@@ -31,8 +31,10 @@ def source_rows(part: Part) -> np.ndarray:
     return flat.reshape(-1, row)
 
 
-def tensor_chunks(t: ExportTensor, chunk: int = CHUNK) -> Iterator[np.ndarray]:
-    """Yields the bytes of ``t`` as the GGUF stores them, in order, as flat ``uint8`` arrays."""
+def tensor_chunks(t: ExportTensor, chunk: int | None = None) -> Iterator[np.ndarray]:
+    """Yields the bytes of ``t`` as the GGUF stores them, in order, as flat ``uint8`` arrays
+    (windows of about ``chunk`` bytes of float32, :data:`CHUNK` by default)."""
+    chunk = chunk or CHUNK
     for part in t.parts:
         rows = source_rows(part)
         src = part.source
