@@ -81,6 +81,8 @@ def cmd_export(args) -> dict:
     if not args.json:
         types = ", ".join(f"{k} {v}" for k, v in sorted(r["types"].items()))
         print(f"exported {r['tensors']} tensors ({_human(r['bytes'])}; {types}) as {r['arch']} to {args.file}")
+        for name, what in r["quant_notes"].items():
+            print(f"  {name}: {what}")
     return r
 
 

@@ -56,6 +56,7 @@ class ExportPlan:
     hparams: dict = field(default_factory=dict, repr=False)
     tokenizer_pre: str | None = None
     retyped: bool = False  # a GGUF bake exported with other types than it came with: general.file_type changes
+    quant_notes: dict = field(default_factory=dict)  # --quant: tensors not at the recipe's type, and why
 
     @property
     def total_bytes(self) -> int:
@@ -64,7 +65,7 @@ class ExportPlan:
     def summary(self) -> dict:
         return {"arch": self.arch, "from": self.source, "file_type": self.file_type, "tensors": len(self.tensors),
                 "bytes": self.total_bytes, "types": dict(Counter(t.qtype for t in self.tensors)),
-                "notes": {t.name: t.note for t in self.tensors if t.note}}
+                "notes": {t.name: t.note for t in self.tensors if t.note}, "quant_notes": self.quant_notes}
 
 
 def plan_export(bake: str | os.PathLike | Manifest, outtype: str | None = None, quant: str | QuantPolicy | None = None,
@@ -82,15 +83,18 @@ def plan_export(bake: str | os.PathLike | Manifest, outtype: str | None = None, 
     dtype = _outtype(outtype)
     tensors = bake_tensors(m)
     policy = _policy(quant, tensors)
-    chosen = choose(policy, list(tensors.values()))[0] if policy else {}
+    chosen, notes = choose(policy, list(tensors.values())) if policy else ({}, {})
     if _gguf_named(m, tensors):
-        return _plan_gguf(m, tensors, dtype, chosen, policy)
-    config = _config(m)
-    source, spec = arch_of(config, m.root / "config.json")
-    h = hparams(config, spec)
-    generated = {n: _array_info(n, a) for n, a in generated_tensors(spec, h).items()}
-    planned = plan_tensors(spec, h, tensors, full_aliases(m), dtype, chosen, generated)
-    return ExportPlan(m, spec.gguf, source, planned, _file_type(m, planned, policy), spec, h, tokenizer_pre)
+        plan = _plan_gguf(m, tensors, dtype, chosen, policy)
+    else:
+        config = _config(m)
+        source, spec = arch_of(config, m.root / "config.json")
+        h = hparams(config, spec)
+        generated = {n: _array_info(n, a) for n, a in generated_tensors(spec, h).items()}
+        planned = plan_tensors(spec, h, tensors, full_aliases(m), dtype, chosen, generated)
+        plan = ExportPlan(m, spec.gguf, source, planned, _file_type(m, planned, policy), spec, h, tokenizer_pre)
+    plan.quant_notes = notes
+    return plan
 
 
 def export_gguf(bake: str | os.PathLike | Manifest, path: str | os.PathLike, outtype: str | None = None,
@@ -206,6 +210,10 @@ def _plan_gguf(m: Manifest, tensors, dtype, chosen, policy) -> ExportPlan:
 
 def _config(m: Manifest) -> dict:
     path = m.root / "config.json"
+    if not path.is_file() and m.metadata.get("gguf"):
+        raise UnsupportedError("a bake of a GGUF whose tensors were renamed to transformers' names, without a "
+                               "config.json: export needs GGUF's names (bake the GGUF with them) or a config.json",
+                               m.root)
     if not path.is_file():
         raise UnsupportedError("the bake has no config.json, so its architecture is unknown; export needs a bake "
                                "of a Hugging Face model folder (config.json and tokenizer files beside the "

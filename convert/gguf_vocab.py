@@ -62,7 +62,8 @@ def add_vocab(w, folder: Path, routes: tuple[str, ...], n_vocab: int, pre: str |
             _bpe(w, folder, n_vocab, pre)
         if space_prefix is not None:
             w.add_add_space_prefix(space_prefix)
-        _add_prefix_space(w, folder)
+        else:
+            _add_prefix_space(w, folder)
         gguf.SpecialVocab(folder, load_merges=route in ("bpe", "gpt2_class"),
                           n_vocab=n_vocab).add_to_gguf(w, quiet=True)
         return route
