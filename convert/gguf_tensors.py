@@ -121,17 +121,20 @@ def plan_tensors(spec: ArchSpec, h: dict, tensors: dict[str, TensorInfo], aliase
         gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is not None and gname != "output.weight":
             staged += _one(name, tensors[target], names, spec, h, gname)
+    n_experts = h.get("num_local_experts") or h.get("num_experts")
     out = []
     for item in staged:
-        gname, parts, note, shift = _stack(item, experts[item], names) if isinstance(item, _Stack) else item
-        out.append(_typed(gname, parts, note, shift, outtype, chosen, names))
+        if isinstance(item, _Stack):
+            item = _stack(item, experts[item], names, n_experts)
+        out.append(_typed(*item, outtype, chosen, names))
     return out
 
 
 _Stack = namedtuple("_Stack", "pre proj")  # per-expert matrices "{pre}.experts.N.{proj}.weight" to stack
 
 
-def _one(name: str, t: TensorInfo, names, spec: ArchSpec, h: dict, gname: str | None = None) -> list[tuple[str, list[Part], str, float]]:
+def _one(name: str, t: TensorInfo, names, spec: ArchSpec, h: dict,
+         gname: str | None = None) -> list[tuple[str, list[Part], str, float]]:
     """The GGUF tensor(s) one transformers tensor becomes (two for a fused gate_up_proj)."""
     fused = _FUSED.match(name)
     if fused and len(t.shape) == 3:
@@ -167,21 +170,22 @@ def _split_fused(pre: str, proj: str, t: TensorInfo, names) -> list[tuple[str, l
 
 
 def _expert_name(pre: str, proj: str, names, t: TensorInfo) -> str:
-    gname = names.get_name(f"{pre}.experts.{proj}", try_suffixes=(".weight",)) or \
-        names.get_name(f"{pre}.experts.{proj}.weight", try_suffixes=(".weight",))
+    """llama.cpp's name of the stacked experts ``{pre}.experts.{proj}`` (``blk.N.ffn_*_exps.weight``)."""
+    gname = names.get_name(f"{pre}.experts.{proj}")
     if gname is None:
         raise UnsupportedError(f"tensor {t.name!r} has no GGUF counterpart (stacked experts)", t.path)
-    return gname if gname.endswith(".weight") else gname + ".weight"
+    return gname + ".weight"
 
 
-def _stack(key: _Stack, group: dict[int, TensorInfo], names) -> tuple[str, list[Part], str, float]:
+def _stack(key: _Stack, group: dict[int, TensorInfo], names,
+           n_experts: int | None) -> tuple[str, list[Part], str, float]:
     """Per-expert matrices stacked along a new first axis, expert 0 first; all must be there, alike."""
     pre, proj = key
     first = group[min(group)]
-    missing = sorted(set(range(max(group) + 1)) - set(group))
-    if missing or min(group) != 0:
-        raise UnsupportedError(f"experts of {pre}.experts.*.{proj} are incomplete (missing {missing or [0]})",
-                               first.path)
+    missing = sorted(set(range(max(n_experts or 0, max(group) + 1))) - set(group))
+    if missing:
+        raise UnsupportedError(f"experts {missing} of {pre}.experts.*.{proj} are not in the bake; llama.cpp "
+                               "needs every expert the config counts", first.path)
     kinds = {(t.shape, t.qtype or t.dtype) for t in group.values()}
     if len(kinds) > 1:
         raise UnsupportedError(f"experts of {pre}.experts.*.{proj} differ in shape or type ({sorted(kinds)}); "

@@ -139,3 +139,17 @@ def test_memory_stays_within_a_window(tmp, monkeypatch):
     tensors = read_gguf(tmp / "m.gguf")[1]
     assert tensors["token_embd.weight"][0] == "F16" and tensors["output.weight"][0] == "Q8_0"
     assert np.isfinite(tensors["output.weight"][1]).all()
+
+
+def test_missing_experts_are_named(tmp):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp / "mixtral"
+    save_model("mixtral", folder, hidden=64)
+    bpe_tokenizer(folder, 300)
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(state, folder / "model.safetensors")
+    convert(folder, tmp / "baked", Options())
+    with pytest.raises(UnsupportedError, match=r"experts \[3\] of model.layers.1.block_sparse_moe.experts.\*.w2"):
+        export_gguf(tmp / "baked", tmp / "x.gguf")

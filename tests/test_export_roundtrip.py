@@ -95,3 +95,13 @@ def test_outtype_on_a_gguf_bake_casts_and_says_so(tmp, gguf_file, outtype):  # n
         else:
             assert (qtype, data) == src[name][::2], name  # blocks and integers as they were
     assert fields(tmp / "cast.gguf")["general.file_type"][0] == ["UINT32"]  # the source had none: now it has one
+
+
+def test_quant_on_a_dequantized_gguf_bake_requantizes_its_matrices(tmp, gguf_file):  # noqa: F811
+    path, _ = gguf_file
+    convert(path, tmp / "baked", Options())  # F16 everywhere blocks were
+    result = export_gguf(tmp / "baked", tmp / "q8.gguf", quant="q8_0")
+    out = tensor_data(tmp / "q8.gguf")
+    assert out["blk.0.attn_q.weight"][0] == "Q8_0" and out["blk.0.ffn_norm.weight"][0] == "BF16"  # 1-D: as stored
+    assert out["token_embd.weight"][0] == "F16"  # embeddings are not quantized unless asked
+    assert result["file_type"] == 7 and fields(tmp / "q8.gguf")["general.file_type"] == (["UINT32"], 7)
