@@ -247,5 +247,5 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-COMMANDS = {"convert": cmd_convert, "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
-            "warm": cmd_warm, "cache": cmd_cache, "pack": cmd_pack, "unpack": cmd_unpack}
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
+            "warm": cmd_warm, "cache": cmd_cache, "pack": cmd_pack, "unpack": cmd_unpack, "export": cmd_export}
