@@ -64,6 +64,30 @@ def cmd_convert(args) -> dict:
     return result
 
 
+def cmd_export(args) -> dict:
+    from prebake.convert.export import export_gguf, plan_export
+    from prebake.convert.quant_policy import SINGLE, QuantPolicy
+
+    if args.quant_pure and args.quant not in SINGLE:
+        raise UsageError(f"--quant-pure needs --quant with a single type, not {args.quant or 'none'}")
+    policy = args.quant and QuantPolicy(args.quant, args.quant_embeddings, tuple(args.quant_skip), (), args.quant_pure)
+    if args.dry_run:
+        plan = plan_export(args.out, args.outtype, policy or None, args.tokenizer_pre)
+        summary = {**plan.summary(), "tensor_list": {t.name: {"type": t.qtype, "shape": list(t.shape),
+                                                              "from": t.sources} for t in plan.tensors}}
+        if not args.json:
+            print(json.dumps(summary, indent=1))
+        return summary
+    r = export_gguf(args.out, args.file, args.outtype, policy or None, _progress(args, "export"),
+                    tokenizer_pre=args.tokenizer_pre, force=args.force)
+    if not args.json:
+        types = ", ".join(f"{k} {v}" for k, v in sorted(r["types"].items()))
+        print(f"exported {r['tensors']} tensors ({_human(r['bytes'])}; {types}) as {r['arch']} to {args.file}")
+        for name, what in r["quant_notes"].items():
+            print(f"  {name}: {what}")
+    return r
+
+
 def cmd_inspect(args) -> dict:
     from prebake.formats.manifest import read_manifest
 
@@ -280,5 +304,6 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-COMMANDS = {"check": cmd_check, "convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "variant": cmd_variant,
-            "warm": cmd_warm, "cache": cmd_cache, "pack": cmd_pack, "unpack": cmd_unpack}
+COMMANDS = {"check": cmd_check, "convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify,
+            "variant": cmd_variant, "warm": cmd_warm, "cache": cmd_cache, "pack": cmd_pack, "unpack": cmd_unpack,
+            "export": cmd_export}

@@ -24,10 +24,14 @@ def read_gguf(path: str) -> SourceFile:
 
     ``metadata["gguf"]`` holds every key's value as plain JSON (long arrays included: the bake
     writes them to its side file); the header's own fields are not keys and are not in it.
+    ``metadata["gguf_types"]`` keeps each key's GGUF type (``"UINT32"``, ``"ARRAY:STRING"``),
+    which JSON loses, so an export writes the keys back as they were.
     """
     parsed = open_gguf(path)
     tensors = [_describe(parsed, t) for t in parsed.tensors.values()]
-    return SourceFile(parsed.path, "gguf", tensors, metadata={"gguf": parsed.metadata(max_list=None)})
+    types = {k: f.type if f.item_type is None else f"{f.type}:{f.item_type}" for k, f in parsed.fields.items()}
+    return SourceFile(parsed.path, "gguf", tensors, metadata={"gguf": parsed.metadata(max_list=None),
+                                                              "gguf_types": types})
 
 
 def _describe(parsed: GGUFFile, t: GGUFTensor) -> TensorInfo:
