@@ -31,16 +31,32 @@ TORCH_DTYPES = {
 Names = Iterable[str] | Callable[[str], bool] | None
 
 
+class Tensors(dict):
+    """A bake's tensors by name, in execution order; ``report`` says how they were loaded
+    (:class:`~prebake.cache.reader.ReadReport`: mode, bytes read, O_DIRECT, checks, notes)."""
+
+    report = None
+
+
 def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = None,
                        device: str | torch.device = "cpu", variant: str | None = None,
                        component: str | None = None, prefetch: bool = False,
-                       quant: str | None = "auto") -> dict[str, torch.Tensor | PackedTensor]:
-    """Maps a bake and returns its tensors by name, in execution order.
+                       quant: str | None = "auto", mode: str = "auto", verify: bool = False) -> Tensors:
+    """Maps (or reads) a bake and returns its tensors by name, in execution order.
 
     ``path``: the bake folder or its ``manifest.json`` (or a :class:`Manifest` already read).
     ``names``: a list of names, or a predicate on names, to load a subset; shards holding none
     of them are not mapped. Aliases (tied weights) come back as views of their target.
-    ``device``: anything but ``"cpu"`` copies each tensor there once (aliases stay tied).
+    ``device``: where the tensors go. On a GPU the staged reader puts each shard's wanted bytes
+    in one device allocation (large reads into pinned buffers, copies overlapped with reading);
+    tensors are views of it, aliases stay tied, packed tensors stay packed.
+    ``mode``: ``"mmap"`` (zero-copy maps of the shards), ``"eager"`` (the staged reader: large
+    aligned reads, ``O_DIRECT`` where it helps, into memory the process owns: the tensors stay
+    valid whatever happens to the files), or ``"auto"``: eager for a GPU, for ``verify``, and
+    for a bake on a network or FUSE filesystem (where maps turn into small random reads), maps
+    otherwise. The choice is in the result's ``report``.
+    ``verify``: check every tensor's checksum as its bytes pass (an eager read, no extra one);
+    a mismatch raises :class:`~prebake.formats.errors.VerifyError` naming the tensor.
     ``variant``: a variant's tensors under its names (layers and experts renumbered); ``names``
     then selects among those names.
     ``component``: in a bake of several components (diffusers layout), the one to load.
@@ -66,23 +82,30 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
                                  "them", m.root)
         m = read_component(m, component)
     if variant is not None:
-        return _load_variant(m, variant, names, device, prefetch, quant)
+        return _load_variant(m, variant, names, device, prefetch, quant, mode, verify)
     wanted = _selector(names, m.tensors.keys() | m.aliases.keys(), m)
     targets = {a.target for n, a in m.aliases.items() if wanted(n)}
     form = _form_chooser(m, quant)
-    shards = _Shards(m)
-    out: dict[str, torch.Tensor | PackedTensor] = {}
+    chosen = [(name, e, form(e)) for name, e in m.tensors.items() if wanted(name) or name in targets]
+    device = torch.device(device)
+    mode, note = _mode(m, mode, device, verify)
+    if mode == "mmap":
+        source, report = _Shards(m), None
+    else:
+        source, report = _staged(m, chosen, device, verify)
+        report.notes.insert(0, note) if note else None
+    out = Tensors()
     spans = []
-    for name, e in m.tensors.items():
-        if wanted(name) or name in targets:
-            out[name], span = _tensor(shards, e, form(e))
-            spans.append(span)
-    if prefetch and torch.device(device).type == "cpu":
+    for name, e, how in chosen:
+        out[name], span = _tensor(source, e, how)
+        spans.append(span)
+    out.report = report or _mapped_report(note)
+    if prefetch and mode == "mmap":
         from prebake.cache.prefetch import Prefetcher, coalesce
 
-        Prefetcher(coalesce(spans, m.shard_path), owners=shards.values())
-    if torch.device(device).type != "cpu":
-        out = {k: v.to(device) for k, v in out.items()}
+        Prefetcher(coalesce(spans, m.shard_path), owners=source.values())
+    if mode == "mmap" and device.type != "cpu":
+        out.update({k: v.to(device) for k, v in out.items()})
     for name, a in m.aliases.items():
         if wanted(name):
             base = out[a.target]
@@ -93,15 +116,54 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     return out
 
 
-def _tensor(shards: _Shards, e: TensorEntry, form: str) -> tuple[torch.Tensor | PackedTensor, tuple]:
-    """The tensor ``e`` in the form asked for ("plain", "packed" or "unpack"), and the bytes it maps."""
+def _mode(m: Manifest, mode: str, device: torch.device, verify: bool) -> tuple[str, str | None]:
+    """The load's mode ("mmap" or "eager") and, when "auto" chose it for a reason, the reason."""
+    if mode not in ("auto", "mmap", "eager"):
+        from prebake.formats.errors import UsageError
+
+        raise UsageError(f"mode must be 'auto', 'mmap' or 'eager', not {mode!r}")
+    if mode != "auto":
+        return mode, None
+    if device.type not in ("cpu", "meta"):
+        return "eager", f"eager: staged reads onto {device}"
+    if verify:
+        return "eager", "eager: verify=True checks the bytes as they are read"
+    from prebake.cache.reader import network_filesystem
+
+    fs = network_filesystem(m.root)
+    return ("eager", f"eager: the bake is on {fs}, a network filesystem") if fs else ("mmap", None)
+
+
+def _staged(m: Manifest, chosen: list, device: torch.device, verify: bool):
+    from prebake.cache.reader import plan_runs
+    from prebake.cache.staged import load_runs
+
+    spans = []
+    for name, e, how in chosen:
+        shard, offset, nbytes, digest = (e.shard, e.offset, e.nbytes, e.checksum) if how != "packed" or e.qtype \
+            else e.packed[1:5]
+        spans.append((name, shard, offset, nbytes, digest))
+    runs = plan_runs(spans, m.shard_path, lambda i: m.shards[i].size)
+    shard_of = {m.shard_path(i): i for i in range(len(m.shards))}
+    return load_runs(runs, shard_of, device if device.type != "meta" else torch.device("cpu"),
+                     m.checksum if verify else None)
+
+
+def _mapped_report(note):
+    from prebake.cache.reader import ReadReport
+
+    return ReadReport("mmap", notes=[note] if note else [])
+
+
+def _tensor(source, e: TensorEntry, form: str) -> tuple[torch.Tensor | PackedTensor, tuple]:
+    """The tensor ``e`` in the form asked for ("plain", "packed" or "unpack"), and the bytes it uses."""
     if form == "plain":
-        return shards.view(e.shard, e.dtype, e.offset, e.shape), (e.shard, e.offset, e.nbytes)
+        return source.view(e.shard, TORCH_DTYPES[e.dtype], e.offset, e.shape), (e.shard, e.offset, e.nbytes)
     from prebake.cache.packed import PackedTensor
     from prebake.formats.ggml_types import blocks_shape
 
     qtype, shard, offset, nbytes = (e.qtype, e.shard, e.offset, e.nbytes) if e.qtype else e.packed[:4]
-    blocks = view(shards[shard], torch.uint8, offset, blocks_shape(qtype, tuple(e.shape)))
+    blocks = source.view(shard, torch.uint8, offset, blocks_shape(qtype, tuple(e.shape)))
     packed = PackedTensor(blocks, qtype, e.shape, TORCH_DTYPES[e.dtype])
     return (packed.dequantize() if form == "unpack" else packed), (shard, offset, nbytes)
 
@@ -144,16 +206,15 @@ class _Shards(dict):
         storage = self[index] = map_shard(self.m.shard_path(index), self.m.shards[index].size)
         return storage
 
-    def view(self, index: int, dtype: str, offset: int, shape: list) -> torch.Tensor:
+    def view(self, index: int, dtype: torch.dtype, offset: int, shape: list) -> torch.Tensor:
         """A tensor of ``dtype`` and ``shape`` at byte ``offset`` of shard ``index``: one
         ``as_strided`` of a base tensor per shard and dtype, the cheapest view torch makes (a load
         of 7,720 expert tensors makes 7,720 of them)."""
         base = self.bases.get((index, dtype))
         if base is None:
-            t = TORCH_DTYPES[dtype]
             storage = self[index]
-            base = self.bases[(index, dtype)] = torch.empty(0, dtype=t).set_(storage, 0,
-                                                                             (storage.nbytes() // t.itemsize,))
+            base = self.bases[(index, dtype)] = torch.empty(0, dtype=dtype).set_(storage, 0,
+                                                                                 (storage.nbytes() // dtype.itemsize,))
         key = tuple(shape)
         strides = self.strides.get(key)
         if strides is None:
@@ -182,22 +243,18 @@ def map_shard(path: Path, size: int) -> torch.UntypedStorage:
     return torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
 
 
-def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape) -> torch.Tensor:
-    """A tensor over ``storage`` starting ``offset`` bytes in (a multiple of the item size)."""
-    itemsize = dtype.itemsize
-    t = torch.empty(0, dtype=dtype)
-    return t.set_(storage, offset // itemsize, tuple(shape))
-
-
-def _load_variant(m: Manifest, variant: str, names: Names, device, prefetch: bool, quant) -> dict[str, torch.Tensor]:
+def _load_variant(m: Manifest, variant: str, names: Names, device, prefetch: bool, quant, mode: str,
+                  verify: bool) -> Tensors:
     if variant not in m.variants:
         raise NotInBakeError(f"the bake has no variant {variant!r} (it has {sorted(m.variants) or 'none'})", m.root)
     entries = m.variants[variant]["tensors"]
     wanted = _selector(names, entries.keys(), m)
     entries = {n: e for n, e in entries.items() if wanted(n)}
     stored = load_from_manifest(m, names={e["source"] for e in entries.values()}, device=device, prefetch=prefetch,
-                                quant=quant)
-    return {n: _rows(stored[e["source"]], e.get("rows")) for n, e in entries.items()}
+                                quant=quant, mode=mode, verify=verify)
+    out = Tensors({n: _rows(stored[e["source"]], e.get("rows")) for n, e in entries.items()})
+    out.report = stored.report
+    return out
 
 
 def _rows(t, rows: list[int] | None):
