@@ -5,9 +5,8 @@ program goes; on a slow disk that is the cold-start cost. A :class:`Prefetcher` 
 loaded tensors' bytes in execution order in large blocks on a thread, so the page cache is
 filled at the disk's sequential speed just ahead of the program.
 
-The thread holds the GIL only between reads (``os.preadv`` releases it), reads into one reused
-buffer (no memory grows), and stops when it has read everything or when every tensor it was
-prefetching for has been garbage-collected.
+The reads release the GIL, reuse a small ring of buffers (no memory grows), and stop when
+everything is read or when every tensor they were prefetching for has been garbage-collected.
 """
 
 from __future__ import annotations
@@ -18,21 +17,27 @@ import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-BLOCK = 8 << 20
+BLOCK = 8 << 20  # the staged reader's block
 GAP = 1 << 20  # tensors closer than this in one shard are read as one range (a seek costs more)
 
 
 class Prefetcher:
-    """Reads ``ranges`` (file, start, end), in order, on a daemon thread."""
+    """Reads ``ranges`` (file, start, end), in order, on a daemon thread, through the staged
+    reader (:mod:`prebake.cache.reader`: large buffered reads, several in flight, into a small
+    ring of reused buffers: the page cache keeps the bytes, nothing else does)."""
 
     def __init__(self, ranges: Iterable[tuple[Path, int, int]], owners: Iterable[object] = (),
                  block: int = BLOCK):
         self.ranges = list(ranges)
         self.block = block
-        self.done_bytes = 0
         self._owners = [weakref.ref(o) for o in owners]
+        self._report = None
         self._thread = threading.Thread(target=self._run, name="prebake-prefetch", daemon=True)
         self._thread.start()
+
+    @property
+    def done_bytes(self) -> int:
+        return self._report.bytes if self._report else 0
 
     def join(self, timeout: float | None = None) -> bool:
         """Waits for the read to finish; True if it did."""
@@ -43,25 +48,20 @@ class Prefetcher:
         return not self._owners or any(r() is not None for r in self._owners)
 
     def _run(self) -> None:
-        view = memoryview(bytearray(self.block))
+        from prebake.cache.reader import ALIGN, Reader, ReadReport, Run
+        from prebake.formats.errors import PrebakeError
+
+        self._report = ReadReport("prefetch")
+        reader = Reader(self._report, direct=False, block=self.block)
+        ring = [memoryview(bytearray(self.block)) for _ in range(reader.inflight + 1)]
         for path, start, end in self.ranges:
             try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
-                pos = start
-                while pos < end and self._wanted():
-                    n = os.preadv(fd, [view[:min(self.block, end - pos)]], pos)
-                    if n <= 0:
+                run = Run(Path(path), os.path.getsize(path), start - start % ALIGN, end)
+                for _ in reader.blocks(run, lambda i, off, n: ring[i % len(ring)][:n]):
+                    if not self._wanted():
                         break
-                    pos += n
-                    self.done_bytes += n
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            except (OSError, PrebakeError):
+                continue  # a prefetch is a hint: a file that went away is not its business
             if not self._wanted():
                 break
 
