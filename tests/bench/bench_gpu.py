@@ -9,6 +9,8 @@ Prints GB/s and the fraction of that ceiling (goal: prebake >= 0.8x warm).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.bench.common import REPEAT, WORK, big_checkpoint, drop_cache, median, python_timing, table
 
 PRELUDE = "import json, time, torch\ntorch.zeros(1, device='cuda'); torch.cuda.synchronize()\n{imp}\n"
@@ -51,7 +53,7 @@ def main() -> None:
                     drop_cache(out)
                 else:
                     for p in shards:
-                        open(p, "rb").read()
+                        Path(p).read_bytes()
                 try:
                     samples.append(python_timing(code)["s"])
                 except RuntimeError as e:  # fastsafetensors not installed, ...

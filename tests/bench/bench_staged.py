@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tests.bench.common import REPEAT, WORK, big_checkpoint, drop_cache, median, python_timing, table
 from tests.bench.throttle import enter_code, make
@@ -63,7 +64,7 @@ def bench_small() -> None:
     m = read_manifest(out)
     shard = str(out / m.shards[0].file)
     for p in (src, shard):
-        open(p, "rb").read()
+        Path(p).read_bytes()
     cases = {"prebake load_from_manifest": ("from prebake.cache import load_from_manifest as f", f"sd = f({str(out)!r})"),
              "load_file (source)": ("from safetensors.torch import load_file as f", f"sd = f({str(src)!r})"),
              "load_file (bake's shard)": ("from safetensors.torch import load_file as f", f"sd = f({shard!r})")}
