@@ -17,6 +17,8 @@ import torch
 from prebake.formats.errors import ManifestError, NotInBakeError
 from prebake.formats.manifest import Manifest, TensorEntry, read_component, read_manifest
 
+GAP = 1 << 20  # wanted ranges closer than this are read as one (staged loads)
+
 if TYPE_CHECKING:  # only bakes with quantized blocks need it: imported when they are loaded
     from prebake.cache.packed import PackedTensor
 
@@ -41,7 +43,8 @@ class Tensors(dict):
 def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = None,
                        device: str | torch.device = "cpu", variant: str | None = None,
                        component: str | None = None, prefetch: bool = False,
-                       quant: str | None = "auto", mode: str = "auto", verify: bool = False) -> Tensors:
+                       quant: str | None = "auto", mode: str = "auto", verify: bool = False,
+                       tp_rank: int | None = None, tp_size: int | None = None) -> Tensors:
     """Maps (or reads) a bake and returns its tensors by name, in execution order.
 
     ``path``: the bake folder or its ``manifest.json`` (or a :class:`Manifest` already read).
@@ -57,6 +60,11 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
     otherwise. The choice is in the result's ``report``.
     ``verify``: check every tensor's checksum as its bytes pass (an eager read, no extra one);
     a mismatch raises :class:`~prebake.formats.errors.VerifyError` naming the tensor.
+    ``tp_rank``, ``tp_size``: rank r of k's slices, under the original names with the sliced
+    shapes (:mod:`prebake.cache.tp`): column- and vocab-parallel tensors split their rows,
+    row-parallel ones their columns, the rest whole. On a ``--tp-layout N`` bake (k dividing
+    N) each rank maps and reads only its own bytes; on other bakes row-parallel slices are
+    strided views of whole tensors (the report says so). ``tp_size`` alone means ``tp_rank=0``.
     ``variant``: a variant's tensors under its names (layers and experts renumbered); ``names``
     then selects among those names.
     ``component``: in a bake of several components (diffusers layout), the one to load.
@@ -83,23 +91,28 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
         m = read_component(m, component)
     if variant is not None:
         return _load_variant(m, variant, names, device, prefetch, quant, mode, verify)
+    tp = _tp(m, tp_rank, tp_size)
     wanted = _selector(names, m.tensors.keys() | m.aliases.keys(), m)
     targets = {a.target for n, a in m.aliases.items() if wanted(n)}
     form = _form_chooser(m, quant)
     chosen = [(name, e, form(e)) for name, e in m.tensors.items() if wanted(name) or name in targets]
     device = torch.device(device)
     mode, note = _mode(m, mode, device, verify)
+    cuts = {name: _cut(name, e, how, tp) for name, e, how in chosen}
     if mode == "mmap":
         source, report = _Shards(m), None
     else:
-        source, report = _staged(m, chosen, device, verify)
+        source, report = _staged(m, cuts, device, verify and not tp)
         report.notes.insert(0, note) if note else None
     out = Tensors()
     spans = []
     for name, e, how in chosen:
-        out[name], span = _tensor(source, e, how)
+        out[name], span = _tensor(source, e, how, cuts[name])
         spans.append(span)
     out.report = report or _mapped_report(note)
+    if tp and any(c[3].whole for c in cuts.values()):
+        out.report.notes.append("the bake was made without --tp-layout: row-parallel slices are strided views "
+                                "of whole tensors, and every rank reads those whole")
     if prefetch and mode == "mmap":
         from prebake.cache.prefetch import Prefetcher, coalesce
 
@@ -108,8 +121,7 @@ def load_from_manifest(path: str | os.PathLike | Manifest, *, names: Names = Non
         out.update({k: v.to(device) for k, v in out.items()})
     for name, a in m.aliases.items():
         if wanted(name):
-            base = out[a.target]
-            out[name] = base.as_strided(a.shape, a.strides, base.storage_offset() + a.storage_offset)
+            out[name] = _alias(name, a, out[a.target], m.tensors[a.target], cuts[a.target][3])
     for name in targets:
         if not wanted(name):
             del out[name]
@@ -134,16 +146,66 @@ def _mode(m: Manifest, mode: str, device: torch.device, verify: bool) -> tuple[s
     return ("eager", f"eager: the bake is on {fs}, a network filesystem") if fs else ("mmap", None)
 
 
-def _staged(m: Manifest, chosen: list, device: torch.device, verify: bool):
+def _alias(name: str, a, base, target: TensorEntry, piece) -> torch.Tensor:
+    """The view an alias names, of its target; of a rank's slice only where the alias is the
+    whole target (a tied head): any other view of a sliced tensor would reach past the slice."""
+    if tuple(piece.shape) == tuple(target.shape):
+        return base.as_strided(a.shape, a.strides, base.storage_offset() + a.storage_offset)
+    if list(a.shape) == list(target.shape) and a.storage_offset == 0:
+        return base
+    from prebake.formats.errors import UsageError
+
+    raise UsageError(f"{name!r} is a partial view of {a.target!r}, which ranks split: load it whole")
+
+
+def _tp(m: Manifest, rank: int | None, size: int | None):
+    """(rank, size, model_type) for a tensor-parallel load, None for a whole one."""
+    if rank is None and size is None:
+        return None
+    size = size or 1
+    rank = rank or 0
+    if size < 1 or not 0 <= rank < size:
+        from prebake.formats.errors import UsageError
+
+        raise UsageError(f"tp_rank {rank} is not a rank of tp_size {size}")
+    config = m.root / "config.json"
+    try:
+        import json
+
+        model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    return rank, size, model_type
+
+
+def _cut(name: str, e: TensorEntry, form: str, tp) -> tuple:
+    """Where the bytes of ``e`` in ``form`` are, (qtype, shard, offset, Slice): the whole tensor,
+    or the rank's slice of it."""
+    from prebake.cache.tp import kind_of, rank_slice, stored_shape, whole
+
+    if form == "plain":
+        qtype, shard, offset, nbytes, digest = None, e.shard, e.offset, e.nbytes, e.checksum
+    elif e.qtype:
+        qtype, shard, offset, nbytes, digest = e.qtype, e.shard, e.offset, e.nbytes, e.checksum
+    else:
+        qtype, shard, offset, nbytes, digest = e.packed
+    tiling = e.tp if qtype == e.qtype else None
+    stored = stored_shape(e.shape, qtype, tiling)
+    if tp is None:
+        piece = whole(tuple(e.shape), nbytes, stored)
+    else:
+        piece = rank_slice(name, tuple(e.shape), nbytes, stored, kind_of(name, e, tp[2]), tp[0], tp[1], qtype)
+    return qtype, shard, offset, piece, digest if piece.nbytes == nbytes else None
+
+
+def _staged(m: Manifest, cuts: dict, device: torch.device, verify: bool):
     from prebake.cache.reader import plan_runs
     from prebake.cache.staged import load_runs
 
-    spans = []
-    for name, e, how in chosen:
-        shard, offset, nbytes, digest = (e.shard, e.offset, e.nbytes, e.checksum) if how != "packed" or e.qtype \
-            else e.packed[1:5]
-        spans.append((name, shard, offset, nbytes, digest))
-    runs = plan_runs(spans, m.shard_path, lambda i: m.shards[i].size)
+    spans = [(name, shard, offset + piece.start, piece.nbytes, digest)
+             for name, (qtype, shard, offset, piece, digest) in cuts.items()]
+    runs = plan_runs(spans, m.shard_path, lambda i: m.shards[i].size, gap=0 if any(
+        c[3].nbytes != m.tensors[n].nbytes for n, c in cuts.items() if n in m.tensors) else GAP)
     shard_of = {m.shard_path(i): i for i in range(len(m.shards))}
     return load_runs(runs, shard_of, device if device.type != "meta" else torch.device("cpu"),
                      m.checksum if verify else None)
@@ -155,17 +217,20 @@ def _mapped_report(note):
     return ReadReport("mmap", notes=[note] if note else [])
 
 
-def _tensor(source, e: TensorEntry, form: str) -> tuple[torch.Tensor | PackedTensor, tuple]:
-    """The tensor ``e`` in the form asked for ("plain", "packed" or "unpack"), and the bytes it uses."""
+def _tensor(source, e: TensorEntry, form: str, cut: tuple) -> tuple[torch.Tensor | PackedTensor, tuple]:
+    """The tensor ``e`` in the form asked for ("plain", "packed" or "unpack") from the bytes
+    ``cut`` names (the whole tensor or a rank's slice), and those bytes' place."""
+    qtype, shard, offset, piece, _ = cut
+    data = source.view(shard, torch.uint8 if qtype else TORCH_DTYPES[e.dtype], offset + piece.start,
+                       piece.view_shape)
+    data = piece.finish(data)
+    span = (shard, offset + piece.start, piece.nbytes)
     if form == "plain":
-        return source.view(e.shard, TORCH_DTYPES[e.dtype], e.offset, e.shape), (e.shard, e.offset, e.nbytes)
+        return data, span
     from prebake.cache.packed import PackedTensor
-    from prebake.formats.ggml_types import blocks_shape
 
-    qtype, shard, offset, nbytes = (e.qtype, e.shard, e.offset, e.nbytes) if e.qtype else e.packed[:4]
-    blocks = source.view(shard, torch.uint8, offset, blocks_shape(qtype, tuple(e.shape)))
-    packed = PackedTensor(blocks, qtype, e.shape, TORCH_DTYPES[e.dtype])
-    return (packed.dequantize() if form == "unpack" else packed), (shard, offset, nbytes)
+    packed = PackedTensor(data, qtype, piece.shape, TORCH_DTYPES[e.dtype])
+    return (packed.dequantize() if form == "unpack" else packed), span
 
 
 def _form_chooser(m: Manifest, quant: str | None) -> Callable[[TensorEntry], str]:

@@ -52,10 +52,11 @@ def _back_onto_the_map(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, strict: bool = True,
                 names: Names = None, quant: str | None = "auto", variant: str | None = None,
-                component: str | None = None) -> nn.Module:
+                component: str | None = None, **load) -> nn.Module:
     """``factory()`` builds the model with parameters on meta; the bake's tensors are assigned in.
 
-    ``names``, ``quant``, ``variant`` and ``component`` select what is loaded, as for
+    ``names``, ``quant``, ``variant`` and ``component`` select what is loaded, and ``load``
+    (``mode``, ``verify``, ``tp_rank``/``tp_size``, ...) says how, as for
     :func:`~prebake.cache.load.load_from_manifest`. Quantized weights of ``nn.Linear``
     (``nn.Embedding``) layers become :class:`~prebake.cache.qlinear.QuantLinear`
     (:class:`~prebake.cache.qlinear.QuantEmbedding`) layers that keep the blocks packed; other
@@ -70,7 +71,7 @@ def load_module(factory: Callable[[], nn.Module], path: str | os.PathLike, *, st
     """
     with params_on_meta():
         module = factory()
-    state = load_from_manifest(path, names=names, quant=quant, variant=variant, component=component)
+    state = load_from_manifest(path, names=names, quant=quant, variant=variant, component=component, **load)
     computed = non_persistent_buffers(module)
     state = {k: v for k, v in state.items() if k not in computed}
     packed = {k: v for k, v in state.items() if isinstance(v, PackedTensor)}

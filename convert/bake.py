@@ -100,6 +100,8 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
         root=root)
     if plan.quant_notes:
         manifest.metadata["quant_notes"] = plan.quant_notes
+    if plan.tp_notes:
+        manifest.metadata["tp_notes"] = plan.tp_notes
     manifest.files = mark_quantized(folder, manifest, manifest.files)
     add_variants(manifest, folder, specs)
     execute.write_json(folder / f"{source.stem}.safetensors.index.json", hf_index(manifest))

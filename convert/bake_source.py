@@ -8,6 +8,7 @@ mapped once, read-only; ``read()`` hands out a view of the map, nothing is copie
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,20 @@ def bake_tensors(m: Manifest, blocks_first: bool = True) -> dict[str, TensorInfo
             out[name] = _blocks(name, e.dtype, e.shape, p.qtype, p.shard, p.offset, p.nbytes, maps)
         else:
             out[name] = _items(name, e.dtype, e.shape, e.shard, e.offset, e.nbytes, maps)
+        if e.tp and e.tp.startswith("row:") and (e.qtype is not None or e.packed is None or not blocks_first):
+            out[name] = _untiled(out[name], int(e.tp.partition(":")[2]))
     return out
+
+
+def _untiled(t: TensorInfo, n: int) -> TensorInfo:
+    """A tensor stored as n column blocks (``--tp-layout``), read back in its logical order (a copy:
+    no single strided view puts the blocks side by side)."""
+    def read():
+        tiles = t.read().reshape(n, -1, t.read().shape[-1] // n) if t.qtype else \
+            t.read().reshape(n, t.shape[0], t.shape[1] // n)
+        return np.ascontiguousarray(tiles.transpose(1, 0, 2)).reshape(tiles.shape[1], -1)
+
+    return replace(t, read=read)
 
 
 def full_aliases(m: Manifest) -> dict[str, str]:

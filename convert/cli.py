@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF input: keep its quantized blocks as they are instead of dequantizing")
     c.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    c.add_argument("--tp-layout", type=int, metavar="N",
+                   help="store row-parallel weights (o_proj, down_proj, ...) as N column blocks, so that each "
+                   "tensor-parallel rank of any degree dividing N reads only its own bytes "
+                   "(load_from_manifest(OUT, tp_rank=r, tp_size=k)); N a power of two, e.g. 8")
     c.add_argument("--workers", type=int, metavar="N",
                    help="threads doing the work (default: the cores this process may use); the bake's bytes do "
                    "not depend on N")

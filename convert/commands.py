@@ -29,7 +29,7 @@ def cmd_convert(args) -> dict:
     options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None,
                       quant=args.quant, keep_float=args.keep_float, quant_embeddings=args.quant_embeddings,
                       quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only), quant_pure=args.quant_pure,
-                      keep_quant=args.keep_quant)
+                      keep_quant=args.keep_quant, tp_layout=args.tp_layout)
     if args.dry_run:
         from prebake.convert.prepare import prepare
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from prebake.convert.order import big_first_in_layers, execution_order
 from prebake.convert.quant_policy import SINGLE, QuantPolicy, choose
+from prebake.convert.tp_plan import tp_split
 from prebake.formats.errors import FormatError, UnsupportedError, UsageError
 from prebake.formats.ggml_types import blocks_shape
 from prebake.formats.manifest import PIECE
@@ -37,6 +38,7 @@ class Options:
     quant_pure: bool = False  # one type for every tensor (default: the output head at Q6_K)
     keep_quant: bool = False  # GGUF blocks stay blocks (no dequantize/requantize round trip)
     piece: int = PIECE  # checksum piece: the unit of work (the tests make it small)
+    tp_layout: int | None = None  # store row-parallel weights as N column blocks (--tp-layout N)
 
     def __post_init__(self):
         if self.align < 8 or self.align & (self.align - 1):
@@ -53,6 +55,11 @@ class Options:
             raise UsageError("--keep-quant keeps a GGUF's own blocks; --quant makes new ones: choose one")
         if self.piece < 4096 or self.piece & (self.piece - 1):
             raise UsageError(f"the checksum piece must be a power of two >= 4096, not {self.piece}")
+        if self.tp_layout is not None and (self.tp_layout < 2 or self.tp_layout & (self.tp_layout - 1)):
+            raise UsageError(f"--tp-layout must be a power of two >= 2 (8 serves 1, 2, 4 and 8 ranks), not "
+                             f"{self.tp_layout}")
+        if self.tp_layout and self.keep_float:
+            raise UsageError("--tp-layout with --keep-float is not supported: choose one")
         if self.keep_float and not self.quant:
             raise UsageError("--keep-float keeps float copies beside quantized blocks: it needs --quant")
 
@@ -65,6 +72,8 @@ class Options:
 
     def manifest_record(self) -> dict:
         out = {"shard_size": self.shard_size, "align": self.align, "dtype": self.dtype}
+        if self.tp_layout:
+            out["tp_layout"] = self.tp_layout
         if self.quant or self.keep_quant:
             out.update(quant=self.quant, keep_float=self.keep_float, quant_embeddings=self.quant_embeddings,
                        quant_skip=list(self.quant_skip), quant_only=list(self.quant_only),
@@ -90,6 +99,8 @@ class Planned:
     transform: str
     qtype: str | None = None
     packed: bool = False
+    tp: str | None = None  # how tensor-parallel ranks split it: column, row, row:N (tiled), vocab
+    tiles: int = 1  # > 1: stored as this many column blocks, (tiles, rows, columns / tiles)
 
     @property
     def stored_dtype(self) -> str:
@@ -97,8 +108,12 @@ class Planned:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The shape as stored: the logical shape, or (rows, bytes per row) of blocks."""
-        return self.source.shape if self.qtype is None else blocks_shape(self.qtype, self.source.shape)
+        """The shape as stored: the logical shape, or (rows, bytes per row) of blocks; tiled, the
+        column blocks one after another."""
+        base = self.source.shape if self.qtype is None else blocks_shape(self.qtype, self.source.shape)
+        if self.tiles == 1:
+            return base
+        return (self.tiles, base[0], base[1] // self.tiles)
 
     @property
     def nbytes(self) -> int:
@@ -141,6 +156,7 @@ class BakePlan:
     order: list[str] = field(default_factory=list)  # stored tensors in execution order
     quant_notes: dict[str, str] = field(default_factory=dict)  # tensors not at the recipe's type: what, and why
     warnings: list[str] = field(default_factory=list)
+    tp_notes: dict[str, str] = field(default_factory=dict)  # row-parallel tensors --tp-layout kept whole, and why
 
     @property
     def total_bytes(self) -> int:
@@ -156,12 +172,13 @@ class BakePlan:
                            for p in s.tensors.values() if p.transform != "copy" and not p.packed},
             "packed_copies": sorted(p.name for s in self.shards for p in s.tensors.values() if p.packed),
             "quant_notes": self.quant_notes,
+            "tp_notes": self.tp_notes,
             "warnings": self.warnings,
         }
 
 
 def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[SkippedLeaf] = (),
-              stem: str = "model") -> BakePlan:
+              stem: str = "model", model_type: str | None = None) -> BakePlan:
     """Plans a bake of ``tensors`` (from every source file, in file order) into ``stem*.safetensors``.
 
     Every tensor is stored once, in execution order, in one form: its items, cast, or GGML
@@ -188,10 +205,11 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
             main.append(_planned(t, options))
             if t.name in chosen:
                 packed.append(Planned(t.name, t, logical, "quantize", chosen[t.name], packed=True))
+    main, tp_notes = tp_split(main, options.tp_layout, model_type)
     shards = _shard(main, options, stem, 0)
     if packed:
         shards += _shard(packed, options, f"{stem}-{options.quant}", len(shards))
-    plan = BakePlan(shards, aliases, list(skipped), options, [p.name for p in main], kept)
+    plan = BakePlan(shards, aliases, list(skipped), options, [p.name for p in main], kept, tp_notes=tp_notes)
     requantized = sorted({t.qtype for t in stored if t.qtype and t.name in chosen})
     if requantized:
         plan.warnings.append(f"--quant {options.quant} quantizes the source's {', '.join(requantized)} blocks "

@@ -52,7 +52,7 @@ def prepare(src: str | os.PathLike, options: Options, variants: list[str] = ()) 
     if parts and specs:
         raise SpecError("variants apply to one model; add them to a component's folder instead")
     sources = {name: open_source(p) for name, p in parts.items()} if parts else {"": open_source(src)}
-    plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem) for name, s in sources.items()}
+    plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem, s.model_type) for name, s in sources.items()}
     return Prepared(src, bool(parts), sources, plans, specs)
 
 

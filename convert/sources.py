@@ -43,6 +43,16 @@ class Source:
         return [s for f in self.files for s in f.skipped]
 
     @property
+    def model_type(self) -> str | None:
+        """``config.json``'s ``model_type``, when the source is a model folder that has one."""
+        config = next((p for p in self.copy if p.name == "config.json"), None)
+        try:
+            value = json.loads(config.read_text()).get("model_type") if config else None
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    @property
     def metadata(self) -> dict:
         out: dict = {}
         for f in self.files:

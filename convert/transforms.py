@@ -21,7 +21,13 @@ from prebake.formats.tensor import numpy_dtype
 
 
 def geometry(p: Planned) -> tuple[int, int]:
-    """(rows, bytes per row) of ``p``'s output; their product is ``p.nbytes``."""
+    """(rows, bytes per row) of ``p``'s output; their product is ``p.nbytes``. A tiled tensor's
+    output rows are its tiles' rows, tile after tile."""
+    rows, row_bytes = _untiled_geometry(p)
+    return (rows * p.tiles, row_bytes // p.tiles) if p.tiles > 1 else (rows, row_bytes)
+
+
+def _untiled_geometry(p: Planned) -> tuple[int, int]:
     shape = p.source.shape
     if not shape:
         return (1, p.nbytes) if p.nbytes else (0, 0)
@@ -32,6 +38,24 @@ def geometry(p: Planned) -> tuple[int, int]:
 
 def produce(p: Planned, lo: int, hi: int) -> memoryview:
     """The output bytes of rows ``lo:hi`` of ``p``."""
+    if p.tiles > 1:
+        return _tiled(p, lo, hi)
+    return _produce(p, lo, hi)
+
+
+def _tiled(p: Planned, lo: int, hi: int) -> memoryview:
+    """Rows ``lo:hi`` of the tiles: for each tile they cross, its column block of the rows it holds."""
+    rows, row_bytes = _untiled_geometry(p)
+    width = row_bytes // p.tiles
+    parts = []
+    for tile in range(lo // rows, -(-hi // rows)):
+        a, b = max(lo, tile * rows) - tile * rows, min(hi, (tile + 1) * rows) - tile * rows
+        full = np.frombuffer(_produce(p, a, b), np.uint8).reshape(b - a, row_bytes)
+        parts.append(full[:, tile * width:(tile + 1) * width])
+    return _bytes(np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0]))
+
+
+def _produce(p: Planned, lo: int, hi: int) -> memoryview:
     data = _rows_view(p)[lo:hi]
     if p.transform in ("copy", "blocks"):
         return _bytes(data if data.flags.c_contiguous else np.ascontiguousarray(data))

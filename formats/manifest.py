@@ -12,7 +12,8 @@
       "tensors": {"name": [...], "dtype": [...], "shape": [...], "shard": [...], "offset": [...],
                   "nbytes": [...], "checksum": [...],                  # a column per field, a row
                   "qtype"?: [...], "source_dtype"?: [...],             # per tensor; optional ones
-                  "packed"?: [null | {"qtype", "shard", "offset", "nbytes", "checksum"}, ...]},
+                  "packed"?: [null | {"qtype", "shard", "offset", "nbytes", "checksum"}, ...],
+                  "tp"?: [null | "column" | "row" | "row:N" | "vocab", ...]},
       "aliases": {name: {"target", "storage_offset", "shape", "strides"}},
       "padding": [names of padding entries, which loaders skip],
       "files": [{"path", "size", "checksum"}],          # config.json, tokenizer, ... copied as they are
@@ -31,7 +32,9 @@ ones), where its bytes are (``shard``, ``offset``: absolute in the shard file, `
 ``checksum``) and what they are: ``dtype`` items, or GGML blocks of ``qtype`` (stored ``U8``,
 ``(rows, bytes per row)``). ``packed`` is a second form of the same tensor, GGML blocks kept
 beside its float bytes (``--keep-float``). ``source_dtype`` is the dtype (or GGML type) the
-source held when the bake changed it. Readers ignore keys they do not know and refuse a newer
+source held when the bake changed it. ``tp`` says how tensor-parallel ranks split the tensor
+(:mod:`prebake.formats.tp_layout`); ``row:N`` means its bytes are stored as N column blocks one
+after another, ``(N, rows, columns / N)`` (``--tp-layout N``), so each rank's slice is one range. Readers ignore keys they do not know and refuse a newer
 ``version``; version-1 manifests (separate ``tensors`` and ``quantized`` maps) are read into
 this form.
 
@@ -126,7 +129,7 @@ class Manifest:
 
 def _table(tensors: dict[str, TensorEntry]) -> dict[str, list]:
     """The tensor records as columns; an optional column that is all null is left out."""
-    rows = [(name, *t[:-1], t.packed._asdict() if t.packed is not None else None) for name, t in tensors.items()]
+    rows = [(name, *(t._replace(packed=t.packed._asdict()) if t.packed is not None else t)) for name, t in tensors.items()]
     columns = [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in COLUMNS]
     return {c: v for c, v in zip(COLUMNS, columns, strict=True)
             if c in COLUMNS[:7] or any(x is not None for x in v)}

@@ -146,7 +146,7 @@ def _records(table) -> dict[str, TensorEntry]:
           f"columns are not lists of {n} values")
     _need(all(type(x) is str for x in names) and len(set(names)) == n, "names are not distinct strings")
     columns = [c if c is not None else [None] * n for c in columns]
-    packed = columns[-1]
+    packed = columns[TensorEntry._fields.index("packed")]
     for i, p in enumerate(packed):
         if p is not None:
             _need(isinstance(p, dict) and set(p) == set(PackedForm._fields),
@@ -184,9 +184,20 @@ def _tensor(t: TensorEntry, shards: list) -> None:
         _need(dtype in FLOAT_DTYPES, f"blocks decode to {dtype!r}, which is not a float dtype")
         _blob_range(t, shards, _blocks_nbytes(qtype, shape))
     _need(t.source_dtype is None or type(t.source_dtype) is str, "source_dtype is not a string")
+    _tp(t, shape)
     if t.packed is not None:
         _need(qtype is None and dtype in FLOAT_DTYPES, "packed form is not beside float bytes")
         _blob_range(t.packed, shards, _blocks_nbytes(t.packed.qtype, shape))
+
+
+def _tp(t: TensorEntry, shape: list) -> None:
+    """``tp``: column, vocab, row, or row:N, a stored tiling whose N divides the columns (in blocks)."""
+    if t.tp is None or t.tp in ("column", "vocab", "row"):
+        return
+    kind, _, n = t.tp.partition(":") if type(t.tp) is str else ("", "", "")
+    _need(kind == "row" and n.isdigit() and int(n) >= 2 and len(shape) == 2, f"tp {t.tp!r} is not a split prebake knows")
+    unit = BLOCK_SIZES[t.qtype][0] if t.qtype else 1
+    _need(shape[1] % (int(n) * unit) == 0, f"tp {t.tp!r}: {shape[1]} columns do not divide into {n} x {unit}")
 
 
 def _alias(name: str, a, tensors: dict) -> None:
