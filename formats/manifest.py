@@ -10,7 +10,8 @@
       "options": {"shard_size", "align", "dtype", "quant"?, ...},
       "shards": [{"file", "size", "data_offset"}],
       "tensors": {name: {"dtype", "shape", "shard", "offset", "nbytes", "checksum",
-                         "qtype"?, "source_dtype"?, "packed"?: {"qtype", "shard", "offset", "nbytes", "checksum"}}},
+                         "qtype"?, "source_dtype"?, "source_name"?,
+                         "packed"?: {"qtype", "shard", "offset", "nbytes", "checksum"}}},
       "aliases": {name: {"target", "storage_offset", "shape", "strides"}},
       "padding": [names of padding entries, which loaders skip],
       "files": [{"path", "size", "checksum"}],          # config.json, tokenizer, ... copied as they are
@@ -27,7 +28,8 @@ ones), where its bytes are (``shard``, ``offset``: absolute in the shard file, `
 ``checksum``) and what they are: ``dtype`` items, or GGML blocks of ``qtype`` (stored ``U8``,
 ``(rows, bytes per row)``). ``packed`` is a second form of the same tensor, GGML blocks kept
 beside its float bytes (``--keep-float``). ``source_dtype`` is the dtype (or GGML type) the
-source held when the bake changed it. Readers ignore keys they do not know and refuse a newer
+source held when the bake changed it; ``source_name`` the tensor's name in the source when the
+bake renamed it (a GGUF's ``blk.0.attn_q.weight`` under its Hugging Face name). Readers ignore keys they do not know and refuse a newer
 ``version``; version-1 manifests (separate ``tensors`` and ``quantized`` maps) are read into
 this form.
 
@@ -61,10 +63,11 @@ BLOCK = 16 << 20  # bytes hashed per call: large enough for full speed, small en
 # Entries are plain namedtuples and Manifest a plain class: immutable records, and several times
 # cheaper to define at import than dataclasses or typing.NamedTuple, which matters on the load
 # path of a process that should be serving a few milliseconds after it starts.
-TensorEntry = namedtuple("TensorEntry", "dtype shape shard offset nbytes checksum qtype source_dtype packed",
-                         defaults=(None, None, None))
+TensorEntry = namedtuple("TensorEntry", "dtype shape shard offset nbytes checksum qtype source_dtype packed source_name",
+                         defaults=(None, None, None, None))
 TensorEntry.__doc__ = ("A stored tensor: logical dtype and shape; shard, absolute offset, size and checksum of its "
-                       "bytes; their GGML block type if they are blocks; an optional second, packed form.")
+                       "bytes; their GGML block type if they are blocks; an optional second, packed form; the "
+                       "name the source gave it, when the bake renamed it.")
 PackedForm = namedtuple("PackedForm", "qtype shard offset nbytes checksum")
 PackedForm.__doc__ = "GGML blocks of a tensor kept beside its float bytes (--keep-float)."
 Blob = namedtuple("Blob", "shard offset nbytes checksum dtype qtype")
@@ -130,6 +133,8 @@ def _entry_json(t: TensorEntry) -> dict:
         d["source_dtype"] = t.source_dtype
     if t.packed is not None:
         d["packed"] = t.packed._asdict()
+    if t.source_name is not None:
+        d["source_name"] = t.source_name
     return d
 
 
@@ -194,7 +199,7 @@ def _build(d: dict, root: Path) -> Manifest:
         packed = v.get("packed")
         tensors[k] = TensorEntry(v["dtype"], v["shape"], v["shard"], v["offset"], v["nbytes"], v["checksum"],
                                  v.get("qtype"), v.get("source_dtype"),
-                                 PackedForm(**packed) if packed is not None else None)
+                                 PackedForm(**packed) if packed is not None else None, v.get("source_name"))
     return Manifest(
         source=d["source"], options=d["options"], shards=[ShardEntry(**s) for s in d["shards"]],
         tensors=tensors, aliases={k: AliasEntry(**v) for k, v in d.get("aliases", {}).items()},
