@@ -44,7 +44,7 @@ def tensor_entries(plan: BakePlan, written: dict[tuple[str, bool], tuple]) -> di
         packed = PackedForm(extra.qtype, *written[(name, True)]) if extra else None
         source_dtype = None if p.transform in ("copy", "blocks") else p.source.qtype or p.source.dtype
         out[name] = TensorEntry(p.dtype, list(p.source.shape), shard, offset, nbytes, checksum, p.qtype,
-                                source_dtype, packed)
+                                source_dtype, packed, p.source.source_name)
     return out
 
 
