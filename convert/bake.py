@@ -23,9 +23,6 @@ from prebake.formats.errors import PrebakeWarning, SpecError
 from prebake.formats.manifest import MANIFEST_NAME, AliasEntry, Manifest, hasher
 from prebake.formats.safetensors_writer import is_padding
 
-GGUF_METADATA = "gguf_metadata.json"  # every GGUF key-value pair, long arrays included
-SHORT_LIST = 64
-
 
 @dataclass
 class Prepared:
@@ -60,8 +57,12 @@ def prepare(src: str | os.PathLike, options: Options, variants: list[str] = ()) 
     parts = component_folders(src)
     if parts and specs:
         raise SpecError("variants apply to one model; add them to a component's folder instead")
-    sources = {name: open_source(p) for name, p in parts.items()} if parts else {"": open_source(src)}
-    plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem) for name, s in sources.items()}
+    sources = {name: open_source(p, options.names, options.gguf_metadata) for name, p in parts.items()} if parts \
+        else {"": open_source(src, options.names, options.gguf_metadata)}
+    plans = {}
+    for name, s in sources.items():
+        plans[name] = plan_bake(s.tensors, options, s.skipped, s.stem, s.blocks_dtype)
+        plans[name].warnings[:0] = s.notes
     return Prepared(src, bool(parts), sources, plans, specs)
 
 
@@ -98,12 +99,10 @@ def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options:
     """Writes one model's bake (shards, files, variants, index, manifest) into ``folder``."""
     shards, tensors = execute.write_shards(plan, folder, update)
     files = execute.copy_files(source.copy, folder)
+    made = [path for write in source.writers for path in write(folder, plan)]  # a GGUF's config, tokenizer, ...
+    names = {p.name for p in made}
+    files = [f for f in files if f.path not in names] + [execute.file_entry(p) for p in made]
     metadata = source.metadata
-    if "gguf" in metadata:  # tokenizer arrays can hold 100k+ strings: keep them out of the manifest
-        execute.write_json(folder / GGUF_METADATA, metadata["gguf"])
-        files.append(execute.file_entry(folder / GGUF_METADATA))
-        metadata = {**metadata, "gguf": {k: v for k, v in metadata["gguf"].items()
-                                         if not isinstance(v, list) or len(v) <= SHORT_LIST}}
     manifest = Manifest(
         source=describe_source(source), options=options.manifest_record(), shards=shards, tensors=tensors,
         aliases={a.name: AliasEntry(a.target, a.storage_offset, list(a.shape), list(a.strides))
