@@ -578,7 +578,7 @@ def test_interrupted_cli_says_nothing_was_written(tmp_path, monkeypatch, capsys)
 
     src = save_torch(tmp_path / "model.bin", many_tensors())
     out = tmp_path / "out"
-    monkeypatch.setattr(commands_module, "_progress", lambda args, desc: interrupt_half_way)
+    monkeypatch.setattr(commands_module, "_progress", lambda args, desc, first=None: interrupt_half_way)
     assert main(["convert", str(src), str(out)]) == 130
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "interrupted" in err[0]
