@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,9 +98,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | N
 def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options: Options, update,
               specs) -> Manifest:
     """Writes one model's bake (shards, files, variants, index, manifest) into ``folder``."""
-    shards, tensors = execute.write_shards(plan, folder, update)
+    with ThreadPoolExecutor(1) as pool:  # a GGUF's config and tokenizer are made while the shards are written
+        making = pool.submit(lambda: [path for write in source.writers for path in write(folder, plan)])
+        shards, tensors = execute.write_shards(plan, folder, update)
+        made = making.result()
     files = execute.copy_files(source.copy, folder)
-    made = [path for write in source.writers for path in write(folder, plan)]  # a GGUF's config, tokenizer, ...
     names = {p.name for p in made}
     files = [f for f in files if f.path not in names] + [execute.file_entry(p) for p in made]
     metadata = source.metadata

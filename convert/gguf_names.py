@@ -21,6 +21,8 @@ Anything else a processor does (a log, a transpose, a reshape across rows) is
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,7 +74,8 @@ def hf_layout(f: GGUFFile, config: dict) -> HFLayout:
     model, cfg = meta_model(config)
     arch = f.fields["general.architecture"].value()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
-    key_map = get_gguf_hf_weights_map(model, processor)
+    with _one_name_map():
+        key_map = get_gguf_hf_weights_map(model, processor)
     sources = list(f.tensors.values())
     ids, dropped = _load(processor, key_map, sources, _index_array)
     zeros, _ = _load(processor, key_map, sources, lambda _, t: np.zeros(_probe_shape(t)))
@@ -109,6 +112,21 @@ def model_class(cfg) -> type:
         if type(cfg) in mapping:
             return mapping[type(cfg)]
     raise NotMappable(f"transformers has no model class for {cfg.model_type!r}")
+
+
+@contextmanager
+def _one_name_map():
+    """transformers' ``get_gguf_hf_weights_map`` asks gguf-py for a ``TensorNameMap`` again for each
+    of the model's submodules (20 ms each: 6 s for a 24-layer model); the map is a pure function of
+    (architecture, block count), so while it runs each is built once."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def _probe_shape(t: GGUFTensor) -> tuple[int, ...]:
