@@ -1,13 +1,13 @@
 """``make bench``: every benchmark, each printing ratios against its peer measured in the same run.
 
-Run one with ``python -m tests.bench NAME`` (convert, variants, quants, quant_quality, archive, prefetch). Machines here are noisy: read
+Run one with ``python -m tests.bench NAME`` (convert, variants, quants, quant_quality, archive, prefetch, gguf). Machines here are noisy: read
 the medians and the ratios, not single absolute times.
 """
 
 import importlib
 import sys
 
-BENCHES = ["convert", "variants", "quants", "quant_quality", "archive", "prefetch"]
+BENCHES = ["convert", "variants", "quants", "quant_quality", "archive", "prefetch", "gguf"]
 
 for name in sys.argv[1:] or BENCHES:
     module = importlib.import_module(f"tests.bench.bench_{name}")
