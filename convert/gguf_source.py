@@ -61,9 +61,9 @@ def gguf_source(path: str | os.PathLike, names: str = "hf", gguf_metadata: bool 
             return _hf_source(parsed, writers)
         except NotMappable as e:
             notes.append(f"{Path(parsed.path).name}: {e}; baked under its GGUF names")
-        except ImportError:
-            notes.append(f"{Path(parsed.path).name}: transformers is not installed, so the file is baked under its "
-                         "GGUF names (pip install transformers for a Hugging Face folder)")
+        except ImportError:  # no transformers, or one before 5 (no revert_weight_conversion)
+            notes.append(f"{Path(parsed.path).name}: a Hugging Face folder needs transformers 5 (pip install "
+                         "'transformers>=5'); baked under its GGUF names")
     return GGUFSource(source_file(parsed), writers, notes=notes)
 
 
@@ -94,11 +94,13 @@ def _describe(parsed: GGUFFile, t) -> TensorInfo:
     whole = describe(parsed, src)
     total = src.shape[0] if len(src.shape) == 1 else numel(src.shape[:-1])
     row_bytes = src.nbytes // total
-    if isinstance(t.rows, tuple):
+    if not isinstance(t.rows, tuple):
+        offset, nbytes, order = src.offset, src.nbytes, t.rows
+    elif t.rows == (0, total):  # the whole tensor (a 1-D tensor of blocks has no whole rows to count in)
+        offset, nbytes, order = src.offset, src.nbytes, None
+    else:
         start, stop = t.rows
         offset, nbytes, order = src.offset + start * row_bytes, (stop - start) * row_bytes, None
-    else:
-        offset, nbytes, order = src.offset, src.nbytes, t.rows
     ref = StorageRef(src.name, offset, offset + nbytes, order is None)
     buffer, shape = parsed.buffer, t.shape
     if whole.qtype is None:
@@ -107,8 +109,8 @@ def _describe(parsed: GGUFFile, t) -> TensorInfo:
         def read():
             return raw_view(buffer, offset, shape, itemsize)
     else:
-        if order is not None and len(src.shape) == 1:
-            raise NotMappable(f"{t.name!r}: a permutation of a 1-D tensor of {whole.qtype} blocks")
+        if len(src.shape) == 1 and (order is not None or t.rows != (0, total)):
+            raise NotMappable(f"{t.name!r}: part of a 1-D tensor of {whole.qtype} blocks")
         rows = nbytes // row_bytes if len(src.shape) > 1 else 1
 
         def read():

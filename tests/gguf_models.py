@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen2_moe": "qwen2moe", "qwen3": "qwen3",
-         "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+         "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 PERMUTED = {"llama"}  # llama.cpp's LlamaModel permutes Q and K rows for its rope
 NORM_SHIFT = {"gemma2", "gemma3"}  # Gemma stores norm weights as w + 1
 TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
@@ -70,8 +70,8 @@ def _parameters(w, hp: dict, arch: str, name: str, qtype: str) -> None:
     if arch == "llama":  # LlamaModel.set_gguf_parameters
         w.add_vocab_size(hp["vocab_size"])
         w.add_rope_dimension_count(hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"])
-    if "num_experts" in hp:
-        w.add_expert_count(hp["num_experts"])
+    if _experts(hp):
+        w.add_expert_count(_experts(hp))
         w.add_expert_used_count(hp["num_experts_per_tok"])
         w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
         if hp.get("shared_expert_intermediate_size"):
@@ -79,6 +79,11 @@ def _parameters(w, hp: dict, arch: str, name: str, qtype: str) -> None:
     if arch in NORM_SHIFT and hp.get("sliding_window"):
         w.add_sliding_window(hp["sliding_window"])
     w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K": 15}[qtype])
+
+
+def _experts(hp: dict) -> int | None:
+    """find_hparam(["num_local_experts", "num_experts"]), as the converter asks."""
+    return hp.get("num_local_experts") or hp.get("num_experts")
 
 
 def _tensors(src: Path, hp: dict, arch: str):
@@ -96,7 +101,7 @@ def _tensors(src: Path, hp: dict, arch: str):
             t = t + 1
         m = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$", name)
         if m:  # Qwen2MoeModel: stack one layer's experts per projection
-            group = experts.setdefault(f"{m[1]}.{m[3]}.weight", [None] * hp["num_experts"])
+            group = experts.setdefault(f"{m[1]}.{m[3]}.weight", [None] * _experts(hp))
             group[int(m[2])] = t
             if all(x is not None for x in group):
                 yield f"{m[1]}.{m[3]}.weight", torch.stack(group).numpy()

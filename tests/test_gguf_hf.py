@@ -55,12 +55,22 @@ def _config(kind: str, tok):
         return transformers.Qwen2MoeConfig(vocab_size=len(tok), moe_intermediate_size=256, num_experts=4,
                                            shared_expert_intermediate_size=512, num_experts_per_tok=2,
                                            eos_token_id=tok.eos_token_id, **COMMON)
-    return transformers.Gemma3TextConfig(vocab_size=len(tok), head_dim=64, sliding_window=64, pad_token_id=0,
-                                         eos_token_id=1, bos_token_id=2, **COMMON)
+    if kind == "qwen3":  # transformers' table has no key for head_dim: the class's default (128) it is
+        return transformers.Qwen3Config(vocab_size=len(tok), head_dim=128, eos_token_id=tok.eos_token_id, **COMMON)
+    if kind == "qwen3moe":  # norm_topk_prob: what transformers' GGUF defaults say llama.cpp computes
+        return transformers.Qwen3MoeConfig(vocab_size=len(tok), head_dim=64, moe_intermediate_size=256, num_experts=4,
+                                           num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=tok.eos_token_id,
+                                           **COMMON)
+    if kind == "phi3":
+        return transformers.Phi3Config(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2, **COMMON)
+    gemma = transformers.Gemma2Config if kind == "gemma2" else transformers.Gemma3TextConfig
+    return gemma(vocab_size=len(tok), head_dim=64, sliding_window=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                 **COMMON)
 
 
 TOKENIZERS = {"llama": lambda p: spm_tokenizer(p, "llama"), "qwen2": qwen2_tokenizer, "qwen2moe": qwen2_tokenizer,
-              "gemma3": lambda p: spm_tokenizer(p, "gemma")}
+              "gemma3": lambda p: spm_tokenizer(p, "gemma"), "qwen3": qwen2_tokenizer, "qwen3moe": qwen2_tokenizer,
+              "gemma2": lambda p: spm_tokenizer(p, "gemma"), "phi3": lambda p: spm_tokenizer(p, "llama")}
 
 
 class Zoo:
@@ -113,7 +123,7 @@ def load(folder, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2moe", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2moe", "gemma3", "qwen3", "qwen3moe", "gemma2", "phi3"])
 def test_f32_gguf_bakes_to_the_original_model(zoo, kind):
     src, model = zoo.model(kind)
     out = zoo.bake(kind, "F32")
@@ -242,3 +252,14 @@ def test_an_architecture_transformers_cannot_build_keeps_gguf_names(tmp_path):
                                             r"baked under its GGUF names$"):
         m = convert(tmp_path / "x.gguf", tmp_path / "out")
     assert list(m.tensors) == ["blk.0.attn_q.weight"] and (tmp_path / "out" / "gguf_metadata.gguf").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_tokenizer_inputs_are_transformers_own(zoo, kind):
+    """prebake reads the tokenizer's keys itself (transformers' reader takes seconds on a big
+    vocabulary); what it hands transformers' converter is what transformers' reader would."""
+    from prebake.convert.gguf_tokenizer import tokenizer_inputs
+    from transformers.integrations.gguf import get_gguf_tokenizer
+
+    path = zoo.gguf(kind, "F32")
+    assert tokenizer_inputs(open_gguf(path)) == get_gguf_tokenizer(str(path))
