@@ -9,8 +9,9 @@ Importing this module registers that method with transformers' own extension poi
 (``register_quantization_config`` / ``register_quantizer``). ``from_pretrained(OUT)`` then
 builds the model on the meta device, this quantizer swaps each listed ``nn.Linear``
 (``nn.Embedding``) for a :class:`~prebake.cache.qlinear.QuantLinear`
-(:class:`~prebake.cache.qlinear.QuantEmbedding`) whose ``weight`` buffer has the blocks' shape,
-and transformers' loader fills those buffers from the shards as it fills every other tensor:
+(:class:`~prebake.cache.qlinear.QuantEmbedding`) whose ``weight`` has the blocks' shape (a head
+tied to packed embeddings too), and transformers' loader fills them from the shards as it fills
+every other tensor:
 the weights stay packed in memory, and no block is ever decoded at load. Without this import,
 transformers stops at the unknown quantization method: a quantized bake never loads as a model
 with random weights.
@@ -88,7 +89,24 @@ class PrebakeQuantizer(HfQuantizer):
                 model.set_submodule(name, QuantEmbedding.like(layer, qtype))
             else:
                 raise ValueError(f"{name!r} is a {type(layer).__name__}; prebake packs Linear and Embedding weights")
+        self._pack_tied(model)
         return model
+
+    def _pack_tied(self, model) -> None:
+        """A head tied to packed embeddings is packed too, so transformers' tying hands it the same
+        blocks (the bake stores them once, under the embeddings' name)."""
+        qtypes = self.quantization_config.qtypes()
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        for target, source in tied.items():
+            owner, head = source.removesuffix(".weight"), target.removesuffix(".weight")
+            if owner not in qtypes or head in qtypes or not target.endswith(".weight"):
+                continue
+            try:
+                layer = model.get_submodule(head)
+            except AttributeError:
+                continue
+            if isinstance(layer, nn.Linear):
+                model.set_submodule(head, QuantLinear.like(layer, qtypes[owner]))
 
     def get_load_operations(self) -> dict:
         return {"dequantize": Unpack}

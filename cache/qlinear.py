@@ -1,8 +1,11 @@
 """``QuantLinear`` and ``QuantEmbedding``: layers that keep their weight as GGML blocks.
 
-Their ``weight`` is a buffer holding the blocks (``uint8``, (rows, bytes per row)), so a state
-dict (and ``save_pretrained``) gives back the bake's bytes under the bake's names, and
-transformers' loader fills it straight from the shard (:mod:`prebake.cache.hf`).
+Their ``weight`` is a frozen parameter holding the blocks (``uint8``, (rows, bytes per row)), so
+a state dict (and ``save_pretrained``) gives back the bake's bytes under the bake's names,
+transformers' loader fills it straight from the shard (:mod:`prebake.cache.hf`), and its
+weight tying (a head tied to packed embeddings) shares it as it shares any parameter. (A
+parameter, not a buffer: transformers ties and marks parameters only, as its own GGUF layers
+know.) Optimizers skip it: it never requires a gradient.
 
 ``QuantLinear`` unpacks its weight per call.
 Resident memory stays near the packed size (what people reach for bitsandbytes for, with no
@@ -51,7 +54,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.qtype, self.weight_dtype = packed.qtype, packed.dtype
-        self.register_buffer("weight", packed.blocks)
+        self.weight = nn.Parameter(packed.blocks, requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @classmethod
@@ -120,14 +123,14 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = packed.shape
         self.qtype, self.weight_dtype = packed.qtype, packed.dtype
-        self.register_buffer("weight", packed.blocks)
+        self.weight = nn.Parameter(packed.blocks, requires_grad=False)
         self.embed_scale = embed_scale
 
     @classmethod
     def like(cls, embedding: nn.Embedding, qtype: str) -> QuantEmbedding:
         shape = (embedding.num_embeddings, embedding.embedding_dim)
         blocks = _empty_blocks(qtype, shape, embedding.weight.device)
-        return cls(PackedTensor(blocks, qtype, shape, embedding.weight.dtype), getattr(embedding, "embed_scale", None))
+        return cls(PackedTensor(blocks, qtype, shape, embedding.weight.dtype), embed_scale_of(embedding))
 
     @property
     def packed(self) -> PackedTensor:
@@ -142,6 +145,14 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+
+
+def embed_scale_of(embedding: nn.Module):
+    """A scaled embedding's factor: the plain number where the module keeps one (Gemma 3 keeps it
+    beside a buffer that, on a model built on the meta device, holds no value until its own
+    weight initialization runs, which a swapped-in layer never gets), else its ``embed_scale``."""
+    scalar = getattr(embedding, "scalar_embed_scale", None)
+    return scalar if scalar is not None else getattr(embedding, "embed_scale", None)
 
 
 def swap_linears(module: nn.Module, packed: dict[str, PackedTensor]) -> list[str]:
@@ -165,11 +176,28 @@ def swap_linears(module: nn.Module, packed: dict[str, PackedTensor]) -> list[str
         if isinstance(layer, nn.Linear):
             module.set_submodule(path, QuantLinear(p, layer.bias))
         elif isinstance(layer, nn.Embedding):
-            module.set_submodule(path, QuantEmbedding(p, getattr(layer, "embed_scale", None)))
+            module.set_submodule(path, QuantEmbedding(p, embed_scale_of(layer)))
         else:
             continue
         used.append(name)
+    _pack_tied_heads(module, packed, used)
     return used
+
+
+def _pack_tied_heads(module: nn.Module, packed: dict[str, PackedTensor], used: list[str]) -> None:
+    """A head tied to packed embeddings (stored once, under the embeddings' name) becomes a
+    :class:`QuantLinear` over the same blocks, so re-tying shares them instead of handing a
+    ``nn.Linear`` blocks it cannot multiply by."""
+    for target, source in (getattr(module, "all_tied_weights_keys", None) or {}).items():
+        if source not in used or target in packed or not target.endswith(".weight"):
+            continue
+        head = target.removesuffix(".weight")
+        try:
+            layer = module.get_submodule(head)
+        except AttributeError:
+            continue
+        if isinstance(layer, nn.Linear) and tuple(layer.weight.shape) == tuple(packed[source].shape):
+            module.set_submodule(head, QuantLinear(packed[source], layer.bias))
 
 
 def dequantize_all(state: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,9 +22,6 @@ from prebake.formats import __version__
 from prebake.formats.errors import PrebakeWarning
 from prebake.formats.manifest import MANIFEST_NAME, WHOLE, AliasEntry, Manifest, hasher
 from prebake.formats.safetensors_writer import is_padding
-
-GGUF_METADATA = "gguf_metadata.json"  # every GGUF key-value pair, long arrays included
-SHORT_LIST = 64
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: Options | None = None, *,
@@ -82,14 +80,14 @@ def _ray_runner(src, options: Options, address):
 def _bake_one(source: Source, plan: BakePlan, folder: Path, root: Path, options: Options, run: Run,
               specs, component: str = "") -> Manifest:
     """Writes one model's bake (shards, files, variants, index, manifest) into ``folder``."""
-    shards, tensors = run.write_shards(plan, folder, component)
+    with ThreadPoolExecutor(1) as pool:  # a GGUF's config and tokenizer are made while the shards are written
+        making = pool.submit(lambda: [path for write in source.writers for path in write(folder, plan)])
+        shards, tensors = run.write_shards(plan, folder, component)
+        made = making.result()
     files = execute.copy_files(source.copy, folder)
+    names = {p.name for p in made}
+    files = [f for f in files if f.path not in names] + [execute.file_entry(p) for p in made]
     metadata = source.metadata
-    if "gguf" in metadata:  # tokenizer arrays can hold 100k+ strings: keep them out of the manifest
-        execute.write_json(folder / GGUF_METADATA, metadata["gguf"])
-        files.append(execute.file_entry(folder / GGUF_METADATA))
-        metadata = {**metadata, "gguf": {k: v for k, v in metadata["gguf"].items()
-                                         if not isinstance(v, list) or len(v) <= SHORT_LIST}}
     manifest = Manifest(
         source=describe_source(source), options=options.manifest_record(), shards=shards, tensors=tensors,
         aliases={a.name: AliasEntry(a.target, a.storage_offset, list(a.shape), list(a.strides))

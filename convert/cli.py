@@ -61,7 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quant TYPE: TYPE for every tensor (default, as llama-quantize: the output "
                         "head at Q6_K unless TYPE is q8_0)")
     q.add_argument("--keep-quant", action="store_true",
-                   help="GGUF input: keep its quantized blocks as they are instead of dequantizing")
+                   help="GGUF input: keep its quantized blocks as they are instead of dequantizing (to --dtype; "
+                   "default float32 for a Hugging Face folder, as transformers' GGUF loader, float16 with "
+                   "--names gguf)")
+    g = c.add_argument_group("GGUF input")
+    g.add_argument("--names", choices=["hf", "gguf"], default="hf",
+                   help="hf (default): a Hugging Face model folder under transformers' tensor names, with "
+                   "config.json, generation_config.json and tokenizer files rebuilt from the metadata, as "
+                   "transformers' own GGUF loader reads it; gguf: the file's own tensor names")
+    g.add_argument("--gguf-metadata", action="store_true",
+                   help="also write every metadata key as gguf_metadata.json (they are always kept, byte for "
+                   "byte, in gguf_metadata.gguf: see 'prebake inspect --gguf')")
     c.add_argument("--force", action="store_true", help="replace OUT even if it holds something else")
     c.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     c.add_argument("--tp-layout", type=int, metavar="N",
@@ -85,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "shards, tensors, dtypes, aliases.")
     i.add_argument("out", help="bake folder or its manifest.json")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument("--gguf", action="store_true", help="print every key-value pair of the GGUF it was baked from")
     _common(i)
 
     va = sub.add_parser("variant", help="add a layer/expert-pruned view to an existing bake",

@@ -12,13 +12,26 @@ from pathlib import Path
 from prebake.formats.errors import UsageError
 
 
-def _progress(args, desc: str):
-    def factory(total: int):
-        from tqdm import tqdm
+def _progress(args, desc: str, first: str | None = None):
+    """A progress factory: called with the total bytes, it returns the bar's ``update``.
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                   disable=True if args.quiet or args.json else None, file=sys.stderr, leave=False)
-        return bar.update
+    With ``first``, the bar shows at once under that description (reading and planning a
+    source, before the total is known), and counts bytes under ``desc`` once it is.
+    """
+    from tqdm import tqdm
+
+    def bar(total, what):
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
+                    disable=True if args.quiet or args.json else None, file=sys.stderr, leave=False)
+
+    early = bar(None, first) if first else None
+
+    def factory(total: int):
+        if early is None:
+            return bar(total, desc).update
+        early.set_description(desc, refresh=False)
+        early.reset(total=total)
+        return early.update
     return factory
 
 
@@ -29,7 +42,8 @@ def cmd_convert(args) -> dict:
     options = Options(args.shard_size, args.align, DTYPE_NAMES[args.dtype] if args.dtype else None,
                       quant=args.quant, keep_float=args.keep_float, quant_embeddings=args.quant_embeddings,
                       quant_skip=tuple(args.quant_skip), quant_only=tuple(args.quant_only), quant_pure=args.quant_pure,
-                      keep_quant=args.keep_quant, tp_layout=args.tp_layout)
+                      keep_quant=args.keep_quant, tp_layout=args.tp_layout, names=args.names,
+                      gguf_metadata=args.gguf_metadata)
     if args.dry_run:
         from prebake.convert.prepare import prepare
 
@@ -39,7 +53,7 @@ def cmd_convert(args) -> dict:
         return summary
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, not {args.workers}")
-    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert"),
+    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert", "reading"),
                 variants=args.variant, workers=args.workers, ray=args.ray)
     quantized = sum(1 for t in m.tensors.values() if t.qtype or t.packed)
     result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "quantized": quantized,
@@ -61,6 +75,8 @@ def cmd_convert(args) -> dict:
             print(f"  {name}: {what}")
         for s in m.skipped:
             print(f"  skipped non-tensor {s['name']} ({s['kind']})")
+        if m.metadata.get("gguf_unused"):
+            print(f"  left out, as transformers' GGUF loader does: {', '.join(m.metadata['gguf_unused'])}")
     return result
 
 
@@ -111,6 +127,8 @@ def cmd_inspect(args) -> dict:
                            for k, c in m.components.items()}}
     if args.tensors:
         info["tensor_list"] = {k: _tensor_record(t) for k, t in m.tensors.items()}
+    if args.gguf:
+        return _inspect_gguf(m, args)
     if not args.json:
         print(f"{args.out}: {info['tensors']} tensors, {_human(info['bytes'])} from {info['source']} "
               f"({info['format']}), made {info['created']}")
@@ -130,8 +148,30 @@ def cmd_inspect(args) -> dict:
         for k, t in info.get("tensor_list", {}).items():
             form = f"{t['qtype']} blocks of {t['dtype']}" if t.get("qtype") else t["dtype"]
             also = f" (+ {t['packed']['qtype']} blocks in shard {t['packed']['shard']})" if t.get("packed") else ""
-            print(f"  {k}  {form} {t['shape']}  shard {t['shard']} @ {t['offset']}{also}")
+            was = f"  (was {t['source_name']})" if t.get("source_name") else ""
+            print(f"  {k}  {form} {t['shape']}  shard {t['shard']} @ {t['offset']}{also}{was}")
     return info
+
+
+def _inspect_gguf(m, args) -> dict:
+    """Every key-value pair of the GGUF a bake was made from (kept in its gguf_metadata.gguf)."""
+    from prebake.convert.gguf_source import METADATA_GGUF
+    from prebake.formats.errors import NotInBakeError
+    from prebake.formats.gguf_file import SHORT_ARRAY, open_gguf
+
+    path = m.root / METADATA_GGUF
+    if not any(f.path == METADATA_GGUF for f in m.files) or not path.is_file():
+        raise NotInBakeError("the bake keeps no GGUF metadata file (not baked from a GGUF, or by an older prebake: "
+                             "see its gguf_metadata.json or the manifest's metadata)", m.root)
+    f = open_gguf(path)
+    if not args.json:
+        for key, field in f.fields.items():
+            if field.item_type is None or field.count <= SHORT_ARRAY:
+                print(f"{key} = {field.value()!r}")
+                continue
+            head = field.value()[:3] if field.item_type in ("STRING", "ARRAY") else field.array()[:3].tolist()
+            print(f"{key} = [{field.count} x {field.item_type}] {', '.join(map(repr, head))}, ...")
+    return {"gguf": f.metadata(max_list=None)}
 
 
 def _tensor_record(t) -> dict:
@@ -140,6 +180,8 @@ def _tensor_record(t) -> dict:
         d["qtype"] = t.qtype
     if t.packed:
         d["packed"] = {"qtype": t.packed.qtype, "shard": t.packed.shard, "offset": t.packed.offset}
+    if t.source_name:
+        d["source_name"] = t.source_name
     return d
 
 

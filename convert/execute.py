@@ -87,7 +87,8 @@ def tensor_entries(plan: BakePlan, shards: list[ShardEntry], digests: dict) -> d
         extra = places.get((name, True))
         packed = PackedForm(extra[0].qtype, *extra[1]) if extra else None
         source_dtype = None if p.transform in ("copy", "blocks") else p.source.qtype or p.source.dtype
-        out[name] = TensorEntry(p.dtype, list(p.source.shape), *place, p.qtype, source_dtype, packed, p.tp)
+        out[name] = TensorEntry(p.dtype, list(p.source.shape), *place, p.qtype, source_dtype, packed, p.tp,
+                                p.source.source_name)
     return out
 
 

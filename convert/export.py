@@ -146,14 +146,14 @@ def _add_metadata(w, plan: ExportPlan) -> None:
 
     m = plan.manifest
     if plan.spec is None:  # a GGUF's own keys, typed as they were
-        from prebake.convert.gguf_kv import add_metadata, gguf_metadata
+        from prebake.convert.gguf_kv import add_metadata, gguf_keys
 
-        meta = gguf_metadata(m)
+        meta, types = gguf_keys(m)
         alignment = meta.get("general.alignment")
         if isinstance(alignment, int) and alignment > 0 and not alignment & (alignment - 1):
             w.data_alignment = alignment
             w.add_custom_alignment(alignment)
-        add_metadata(w, meta, m.metadata.get("gguf_types"),
+        add_metadata(w, meta, types,
                      {"general.file_type": (plan.file_type, "UINT32")} if plan.retyped else None)
         return
     from prebake.convert.gguf_vocab import add_vocab

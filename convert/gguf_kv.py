@@ -1,10 +1,12 @@
 """A GGUF bake's key-value metadata, written back with the types it came with.
 
-A bake of a GGUF keeps every key's value in ``gguf_metadata.json`` (the manifest holds the
-short ones) and, since prebake 0.2, each key's GGUF type in the manifest's ``gguf_types``: JSON
-has one kind of number, GGUF ten, and llama.cpp's loader checks them (``context_length`` must be
-a UINT32). Bakes made before that have no types: they are inferred as gguf-py's writer would
-write them (integers UINT32, or INT32 when negative; floats FLOAT32; integer arrays INT32).
+A bake of a GGUF keeps its key-value section byte for byte in ``gguf_metadata.gguf`` (a GGUF
+of no tensors): values and GGUF types come from there. Older bakes kept values as JSON
+(``gguf_metadata.json``, the manifest the short ones) and, in 0.2's first form, each key's GGUF
+type in the manifest's ``gguf_types``: JSON has one kind of number, GGUF ten, and llama.cpp's
+loader checks them (``context_length`` must be a UINT32). Where no types were kept they are
+inferred as gguf-py's writer would write them (integers UINT32, or INT32 when negative; floats
+FLOAT32; integer arrays INT32).
 """
 
 from __future__ import annotations
@@ -14,13 +16,27 @@ import json
 from prebake.formats.errors import ManifestError
 from prebake.formats.manifest import Manifest
 
-SIDE_FILE = "gguf_metadata.json"  # what the bake writes (prebake.convert.bake.GGUF_METADATA)
+SIDE_FILE = "gguf_metadata.json"  # JSON values (older bakes; --gguf-metadata)
+KV_FILE = "gguf_metadata.gguf"  # the source's key-value section, verbatim
 # keys the writer sets itself, or that describe a file layout the export does not keep
 OWN_KEYS = ("general.architecture", "general.alignment", "split.no", "split.count", "split.tensors.count")
 
 
+def gguf_keys(m: Manifest) -> tuple[dict, dict | None]:
+    """Every key-value pair of the GGUF a bake was made from (long arrays included), and each
+    key's GGUF type where the bake kept them (None: to be inferred)."""
+    kv = m.root / KV_FILE
+    if any(f.path == KV_FILE for f in m.files) and kv.is_file():
+        from prebake.formats.gguf_file import open_gguf
+
+        parsed = open_gguf(kv)
+        types = {k: f.type if f.item_type is None else f"{f.type}:{f.item_type}" for k, f in parsed.fields.items()}
+        return parsed.metadata(max_list=None), types
+    return gguf_metadata(m), m.metadata.get("gguf_types")
+
+
 def gguf_metadata(m: Manifest) -> dict:
-    """Every key-value pair of the GGUF a bake was made from (long arrays included)."""
+    """Every key-value pair of the GGUF a bake was made from, as JSON values (older bakes)."""
     side = m.root / SIDE_FILE
     if any(f.path == SIDE_FILE for f in m.files) and side.is_file():
         try:

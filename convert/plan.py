@@ -19,6 +19,7 @@ from prebake.formats.safetensors_writer import BIG_TENSOR, PAD_PREFIX, Slot, hea
 from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo, numel
 
 GIB = 1 << 30
+NAMES = ("hf", "gguf")
 DTYPE_NAMES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
                "bfloat16": "BF16", "bf16": "BF16", "F32": "F32", "F16": "F16", "BF16": "BF16"}
 
@@ -39,6 +40,8 @@ class Options:
     keep_quant: bool = False  # GGUF blocks stay blocks (no dequantize/requantize round trip)
     piece: int = PIECE  # checksum piece: the unit of work (the tests make it small)
     tp_layout: int | None = None  # store row-parallel weights as N column blocks (--tp-layout N)
+    names: str = "hf"  # a GGUF's tensors under transformers' names ("hf", with config and tokenizer) or its own
+    gguf_metadata: bool = False  # also keep a GGUF's metadata as JSON (gguf_metadata.json)
 
     def __post_init__(self):
         if self.align < 8 or self.align & (self.align - 1):
@@ -62,6 +65,8 @@ class Options:
             raise UsageError("--tp-layout with --keep-float is not supported: choose one")
         if self.keep_float and not self.quant:
             raise UsageError("--keep-float keeps float copies beside quantized blocks: it needs --quant")
+        if self.names not in NAMES:
+            raise UsageError(f"--names is one of {', '.join(NAMES)}, not {self.names!r}")
 
     @property
     def policy(self) -> QuantPolicy | None:
@@ -80,6 +85,10 @@ class Options:
                        keep_quant=self.keep_quant)
             if self.quant_pure:
                 out["quant_pure"] = True
+        if self.names != "hf":  # recorded only when not the default, so other bakes' records stay as they were
+            out["names"] = self.names
+        if self.gguf_metadata:
+            out["gguf_metadata"] = True
         return out
 
 
@@ -88,7 +97,9 @@ class Planned:
     """A tensor to write: where its bytes come from and how they are transformed.
 
     ``transform`` is "copy", "cast", "dequantize" (GGML blocks to ``dtype``), "quantize" (to the
-    GGML blocks of ``qtype``) or "blocks" (GGML blocks kept as they are). ``dtype`` is the
+    GGML blocks of ``qtype``), "blocks" (GGML blocks kept as they are) or "offset" (the source's
+    ``add`` added to every value, in float32, then cast to ``dtype``; a dequantization adds it
+    too). Every transform takes the source's rows in the order ``source.rows`` gives. ``dtype`` is the
     logical dtype (what blocks unpack to); blocks are stored as ``U8`` of shape
     (rows, bytes per row). ``packed`` marks the blocks kept beside a float copy (``--keep-float``).
     """
@@ -178,12 +189,13 @@ class BakePlan:
 
 
 def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[SkippedLeaf] = (),
-              stem: str = "model", model_type: str | None = None) -> BakePlan:
+              stem: str = "model", model_type: str | None = None, blocks_dtype: str = "F16") -> BakePlan:
     """Plans a bake of ``tensors`` (from every source file, in file order) into ``stem*.safetensors``.
 
     Every tensor is stored once, in execution order, in one form: its items, cast, or GGML
     blocks. Only the blocks kept beside float copies (``--keep-float``) go to shards of their
     own, ``stem-RECIPE*.safetensors``, so the float shards stay a plain Hugging Face checkpoint.
+    GGML blocks dequantize to ``options.dtype``, else to ``blocks_dtype`` (the source's default).
     """
     by_name = _unique(tensors)
     order = big_first_in_layers(execution_order(list(by_name)), {n: t.nbytes for n, t in by_name.items()},
@@ -193,8 +205,8 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
     targets = {a.target for a in aliases}  # aliases view float bytes: their targets keep them
     main, packed = [], []
     for t in stored:
-        logical = t.dtype if t.qtype is None else options.dtype or "F16"
-        if options.keep_quant and t.qtype is not None:
+        logical = t.dtype if t.qtype is None else options.dtype or blocks_dtype
+        if options.keep_quant and t.qtype is not None and not t.add:  # an offset changes values: blocks cannot keep it
             main.append(Planned(t.name, t, logical, "blocks", t.qtype))
             continue
         if t.qtype is not None:
@@ -202,7 +214,7 @@ def plan_bake(tensors: list[TensorInfo], options: Options, skipped: list[Skipped
         if t.name in chosen and not (options.keep_float or t.name in targets):
             main.append(Planned(t.name, t, logical, "quantize", chosen[t.name]))
         else:
-            main.append(_planned(t, options))
+            main.append(_planned(t, options, blocks_dtype))
             if t.name in chosen:
                 packed.append(Planned(t.name, t, logical, "quantize", chosen[t.name], packed=True))
     main, tp_notes = tp_split(main, options.tp_layout, model_type)
@@ -241,9 +253,13 @@ def _check_decodable(t: TensorInfo) -> None:
                                "can decode; bake it with --keep-quant to keep the blocks as they are", t.path)
 
 
-def _planned(t: TensorInfo, options: Options) -> Planned:
+def _planned(t: TensorInfo, options: Options, blocks_dtype: str = "F16") -> Planned:
     if t.qtype is not None:  # GGML blocks: dequantize
-        return Planned(t.name, t, options.dtype or "F16", "dequantize")
+        return Planned(t.name, t, options.dtype or blocks_dtype, "dequantize")
+    if t.add:
+        if t.dtype not in FLOAT_DTYPES:
+            raise UnsupportedError(f"tensor {t.name!r} is {t.dtype}: an offset of {t.add} cannot apply", t.path)
+        return Planned(t.name, t, options.dtype or t.dtype, "offset")
     if options.dtype and t.dtype in FLOAT_DTYPES and t.dtype != options.dtype:
         return Planned(t.name, t, options.dtype, "cast")
     return Planned(t.name, t, t.dtype, "copy")

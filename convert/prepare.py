@@ -51,8 +51,12 @@ def prepare(src: str | os.PathLike, options: Options, variants: list[str] = ()) 
     parts = component_folders(src)
     if parts and specs:
         raise SpecError("variants apply to one model; add them to a component's folder instead")
-    sources = {name: open_source(p) for name, p in parts.items()} if parts else {"": open_source(src)}
-    plans = {name: plan_bake(s.tensors, options, s.skipped, s.stem, s.model_type) for name, s in sources.items()}
+    sources = {name: open_source(p, options.names, options.gguf_metadata) for name, p in parts.items()} if parts \
+        else {"": open_source(src, options.names, options.gguf_metadata)}
+    plans = {}
+    for name, s in sources.items():
+        plans[name] = plan_bake(s.tensors, options, s.skipped, s.stem, s.model_type, s.blocks_dtype)
+        plans[name].warnings[:0] = s.notes
     return Prepared(src, bool(parts), sources, plans, specs)
 
 

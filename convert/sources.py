@@ -26,13 +26,22 @@ INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
 
 @dataclass
 class Source:
-    """A checkpoint to bake: the files read, their tensors, and the small files to copy."""
+    """A checkpoint to bake: the files read, their tensors, and the small files to copy.
+
+    ``writers`` make small files of the bake's own (a GGUF's config.json and tokenizer): each
+    is called with the bake folder and the plan, and returns the files it wrote.
+    ``blocks_dtype`` is what GGML blocks dequantize to when no ``--dtype`` is asked for;
+    ``notes`` are one-line remarks for the user (what the bake could not do, and why).
+    """
 
     path: str
     format: str
     files: list[SourceFile]
     copy: list[Path] = field(default_factory=list)
     stem: str = "model"  # shard file names: diffusers folders use diffusion_pytorch_model
+    writers: list = field(default_factory=list)
+    blocks_dtype: str = "F16"
+    notes: list[str] = field(default_factory=list)
 
     @property
     def tensors(self):
@@ -99,25 +108,49 @@ def read_file(path: str) -> SourceFile:
     return read_safetensors(path)
 
 
-def open_source(path: str | os.PathLike) -> Source:
-    """Reads the descriptions of every tensor at ``path`` (a file or a model folder)."""
+def open_source(path: str | os.PathLike, names: str = "hf", gguf_metadata: bool = False) -> Source:
+    """Reads the descriptions of every tensor at ``path`` (a file or a model folder).
+
+    A single GGUF file (alone, or the one weight file of a folder) is baked as a Hugging Face
+    model folder under transformers' names (``names="hf"``) or under its own (``"gguf"``); see
+    :mod:`prebake.convert.gguf_source`. ``gguf_metadata`` also keeps its metadata as JSON.
+    """
     p = Path(path)
     if not p.exists():
         raise FormatError("no such file or folder", p)
     if not p.is_dir():
+        if sniff(str(p)) == "gguf":
+            return _gguf(p, names, gguf_metadata)
         f = read_file(str(p))
         return Source(str(p), f.format, [f])
     index = find_index(p)
     weights = weight_files(p, index)
+    if index is None and len(weights) == 1 and sniff(str(weights[0])) == "gguf":
+        return _gguf(weights[0], names, gguf_metadata, folder=p)
     files = [read_file(str(w)) for w in weights]
     if index is not None:
         _check_index(index, files)
-    copy = sorted(c for c in p.iterdir() if c.is_file() and c.suffix not in WEIGHT_SUFFIXES
-                  and c.name not in INDEX_FILES and c.name != "manifest.json" and not c.name.startswith("."))
+    copy = _small_files(p)
     diffusers = any(w.name.startswith("diffusion_pytorch_model") for w in weights) or \
         any((p / i).exists() for i in INDEX_FILES if i.startswith("diffusion_pytorch_model"))
     stem = "diffusion_pytorch_model" if diffusers else "model"
     return Source(str(p), "hf-folder", files, copy, stem)
+
+
+def _small_files(folder: Path) -> list[Path]:
+    """The files of a model folder copied as they are (config, tokenizer, README, ...)."""
+    return sorted(c for c in folder.iterdir() if c.is_file() and c.suffix not in WEIGHT_SUFFIXES
+                  and c.name not in INDEX_FILES and c.name != "manifest.json" and not c.name.startswith("."))
+
+
+def _gguf(path: Path, names: str, gguf_metadata: bool, folder: Path | None = None) -> Source:
+    from prebake.convert.gguf_source import gguf_source
+
+    g = gguf_source(path, names, gguf_metadata)
+    if folder is None:
+        return Source(str(path), "gguf", [g.file], writers=g.writers, blocks_dtype=g.blocks_dtype, notes=g.notes)
+    return Source(str(folder), "hf-folder", [g.file], _small_files(folder), writers=g.writers,
+                  blocks_dtype=g.blocks_dtype, notes=g.notes)
 
 
 def component_folders(path: Path) -> dict[str, Path]:

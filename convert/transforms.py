@@ -8,7 +8,9 @@ any order, by any worker, with the same bytes as a whole-tensor pass.
 
 A row is a slice along the first dimension, except where GGML blocks are involved
 (``quantize``, ``dequantize``, ``blocks``): there a row is one row of blocks, all dimensions
-but the last.
+but the last. A source may ask for its rows in another order (``TensorInfo.rows``: a GGUF's
+Q/K rows unpermuted; block rows for blocks, so no block is re-encoded) and for a constant added
+to every value (``TensorInfo.add``: the ``offset`` transform, or a dequantization's).
 """
 
 from __future__ import annotations
@@ -56,16 +58,15 @@ def _tiled(p: Planned, lo: int, hi: int) -> memoryview:
 
 
 def _produce(p: Planned, lo: int, hi: int) -> memoryview:
-    data = _rows_view(p)[lo:hi]
+    order = p.source.rows  # rows taken in another order (a GGUF's Q/K rows unpermuted): gathered
+    data = _rows_view(p)[lo:hi] if order is None else _rows_view(p)[order[lo:hi]]
     if p.transform in ("copy", "blocks"):
         return _bytes(data if data.flags.c_contiguous else np.ascontiguousarray(data))
     if p.transform == "cast":
         src, dst = numpy_dtype(p.source.dtype), numpy_dtype(p.dtype)
         return _bytes(np.ascontiguousarray(data).view(src).astype(dst))
-    if p.transform == "dequantize":
-        from prebake.formats.quants import dequantize
-
-        return _bytes(dequantize(data, p.source.qtype).astype(numpy_dtype(p.dtype), copy=False))
+    if p.transform in ("dequantize", "offset"):
+        return _bytes(_float_rows(p, data).astype(numpy_dtype(p.dtype), copy=False))
     if p.transform == "quantize":
         from prebake.formats.quants import quantize
 
@@ -84,12 +85,17 @@ def _rows_view(p: Planned) -> np.ndarray:
 
 
 def _float_rows(p: Planned, rows: np.ndarray) -> np.ndarray:
-    """float32 values of some rows: a cast of plain items, or GGML blocks dequantized (as gguf-py does)."""
+    """float32 values of some rows: a cast of plain items, or GGML blocks dequantized (as gguf-py
+    does), plus the source's ``add`` (in float32, as transformers' GGUF loader takes Gemma's 1 off)."""
     if p.source.qtype is None:
-        return np.ascontiguousarray(rows).view(numpy_dtype(p.source.dtype)).astype(np.float32, copy=False)
-    from prebake.formats.quants import dequantize
+        values = np.ascontiguousarray(rows).view(numpy_dtype(p.source.dtype)).astype(np.float32, copy=False)
+    else:
+        from prebake.formats.quants import dequantize
 
-    return dequantize(rows, p.source.qtype)
+        values = dequantize(rows, p.source.qtype)
+    if p.source.add:
+        values = values + np.float32(p.source.add)
+    return values
 
 
 def _bytes(a: np.ndarray) -> memoryview:

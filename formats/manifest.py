@@ -13,7 +13,8 @@
                   "nbytes": [...], "checksum": [...],                  # a column per field, a row
                   "qtype"?: [...], "source_dtype"?: [...],             # per tensor; optional ones
                   "packed"?: [null | {"qtype", "shard", "offset", "nbytes", "checksum"}, ...],
-                  "tp"?: [null | "column" | "row" | "row:N" | "vocab", ...]},
+                  "tp"?: [null | "column" | "row" | "row:N" | "vocab", ...],
+                  "source_name"?: [null | "<the source's name>", ...]},
       "aliases": {name: {"target", "storage_offset", "shape", "strides"}},
       "padding": [names of padding entries, which loaders skip],
       "files": [{"path", "size", "checksum"}],          # config.json, tokenizer, ... copied as they are
@@ -32,7 +33,8 @@ ones), where its bytes are (``shard``, ``offset``: absolute in the shard file, `
 ``checksum``) and what they are: ``dtype`` items, or GGML blocks of ``qtype`` (stored ``U8``,
 ``(rows, bytes per row)``). ``packed`` is a second form of the same tensor, GGML blocks kept
 beside its float bytes (``--keep-float``). ``source_dtype`` is the dtype (or GGML type) the
-source held when the bake changed it. ``tp`` says how tensor-parallel ranks split the tensor
+source held when the bake changed it; ``source_name`` the tensor's name in the source when the
+bake renamed it (a GGUF's ``blk.0.attn_q.weight`` under its Hugging Face name). ``tp`` says how tensor-parallel ranks split the tensor
 (:mod:`prebake.formats.tp_layout`); ``row:N`` means its bytes are stored as N column blocks one
 after another, ``(N, rows, columns / N)`` (``--tp-layout N``), so each rank's slice is one range. Readers ignore keys they do not know and refuse a newer
 ``version``; version-1 manifests (separate ``tensors`` and ``quantized`` maps) are read into

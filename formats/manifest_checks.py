@@ -184,6 +184,7 @@ def _tensor(t: TensorEntry, shards: list) -> None:
         _need(dtype in FLOAT_DTYPES, f"blocks decode to {dtype!r}, which is not a float dtype")
         _blob_range(t, shards, _blocks_nbytes(qtype, shape))
     _need(t.source_dtype is None or type(t.source_dtype) is str, "source_dtype is not a string")
+    _need(t.source_name is None or type(t.source_name) is str, "source_name is not a string")
     _tp(t, shape)
     if t.packed is not None:
         _need(qtype is None and dtype in FLOAT_DTYPES, "packed form is not beside float bytes")

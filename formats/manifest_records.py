@@ -7,11 +7,13 @@ from collections import namedtuple
 # Entries are plain namedtuples and Manifest a plain class: immutable records, and several times
 # cheaper to define at import than dataclasses or typing.NamedTuple, which matters on the load
 # path of a process that should be serving a few milliseconds after it starts.
-TensorEntry = namedtuple("TensorEntry", "dtype shape shard offset nbytes checksum qtype source_dtype packed tp",
-                         defaults=(None, None, None, None))
+TensorEntry = namedtuple("TensorEntry",
+                         "dtype shape shard offset nbytes checksum qtype source_dtype packed tp source_name",
+                         defaults=(None, None, None, None, None))
 TensorEntry.__doc__ = ("A stored tensor: logical dtype and shape; shard, absolute offset, size and checksum of its "
                        "bytes; their GGML block type if they are blocks; an optional second, packed form; how "
-                       "tensor-parallel ranks split it (column, row, vocab; row:N when stored as N column blocks).")
+                       "tensor-parallel ranks split it (column, row, vocab; row:N when stored as N column blocks); "
+                       "the name the source gave it, when the bake renamed it.")
 PackedForm = namedtuple("PackedForm", "qtype shard offset nbytes checksum")
 PackedForm.__doc__ = "GGML blocks of a tensor kept beside its float bytes (--keep-float)."
 Blob = namedtuple("Blob", "shard offset nbytes checksum dtype qtype")

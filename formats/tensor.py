@@ -50,6 +50,13 @@ class TensorInfo:
     stored data: for plain dtypes an array of shape ``shape`` whose items are raw
     ``V{itemsize}`` bytes (strided where the source is strided); for GGML blocks a ``uint8``
     array of shape ``(rows, bytes_per_row)``. It copies nothing.
+
+    Three optional fields describe a tensor that is a rearrangement of stored bytes (a GGUF
+    tensor under its Hugging Face name): ``rows``, when set, is the order to take the first
+    axis of ``read()`` in (row ``i`` of the tensor is row ``rows[i]`` of ``read()``; for blocks,
+    block rows, so no block is re-encoded); ``add`` is a constant added to every value (a
+    stored norm offset undone); ``source_name`` is the tensor's name in the source file when
+    it differs from ``name``.
     """
 
     name: str
@@ -60,6 +67,9 @@ class TensorInfo:
     read: Callable[[], np.ndarray] = field(repr=False, compare=False)
     storage: StorageRef | None = None
     qtype: str | None = None
+    rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    add: float = 0.0
+    source_name: str | None = None
 
     @property
     def numel(self) -> int:

@@ -471,7 +471,7 @@ def test_disk_full_in_header_closes_the_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(shard_writer, "os", FullDisk(0))
     with pytest.raises(OutputError):
         convert(src, tmp_path / "out")
-    assert open_fds() == fds
+    assert open_fds() <= fds  # nothing left open (a descriptor an earlier test held may have closed)
 
 
 def test_disk_full_from_the_cli(tmp_path, monkeypatch, capsys):
@@ -578,7 +578,7 @@ def test_interrupted_cli_says_nothing_was_written(tmp_path, monkeypatch, capsys)
 
     src = save_torch(tmp_path / "model.bin", many_tensors())
     out = tmp_path / "out"
-    monkeypatch.setattr(commands_module, "_progress", lambda args, desc: interrupt_half_way)
+    monkeypatch.setattr(commands_module, "_progress", lambda args, desc, first=None: interrupt_half_way)
     assert main(["convert", str(src), str(out)]) == 130
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "interrupted" in err[0]

@@ -39,7 +39,7 @@ def fields(path) -> dict[str, tuple]:
 
 def test_keep_quant_bake_exports_the_source_tensors_and_keys(tmp, gguf_file):  # noqa: F811
     path, _ = gguf_file
-    convert(path, tmp / "baked", Options(keep_quant=True))
+    convert(path, tmp / "baked", Options(keep_quant=True, names="gguf"))
     export_gguf(tmp / "baked", tmp / "again.gguf")
     assert tensor_data(tmp / "again.gguf") == tensor_data(path)
     assert fields(tmp / "again.gguf") == fields(path)
@@ -49,7 +49,7 @@ def test_bakes_without_recorded_types_infer_them_as_gguf_py_writes(tmp, gguf_fil
     """Bakes made before gguf_types were recorded: integers UINT32 (INT32 if negative, UINT64 if
     large), floats FLOAT32, integer arrays INT32 -- gguf-py's own choices, so this file round-trips."""
     path, _ = gguf_file
-    convert(path, tmp / "baked", Options(keep_quant=True))
+    convert(path, tmp / "baked", Options(keep_quant=True, names="gguf"))
     manifest = tmp / "baked" / "manifest.json"
     m = json.loads(manifest.read_text())
     del m["metadata"]["gguf_types"]
@@ -60,7 +60,7 @@ def test_bakes_without_recorded_types_infer_them_as_gguf_py_writes(tmp, gguf_fil
 
 def test_dequantized_gguf_bake_exports_floats_under_the_same_names(tmp, gguf_file):  # noqa: F811
     path, _ = gguf_file
-    convert(path, tmp / "baked", Options())  # blocks dequantized to F16
+    convert(path, tmp / "baked", Options(names="gguf"))  # blocks dequantized to F16
     export_gguf(tmp / "baked", tmp / "f16.gguf")
     src, out = read_gguf(path)[1], read_gguf(tmp / "f16.gguf")[1]
     assert set(out) == set(src)
@@ -76,7 +76,7 @@ def test_exported_q4_k_m_gguf_round_trips_through_a_bake(tmp):
     bpe_tokenizer(folder, 300)
     convert(folder, tmp / "baked", Options(quant="q4_k_m"))
     export_gguf(tmp / "baked", tmp / "first.gguf")
-    convert(tmp / "first.gguf", tmp / "rebaked", Options(keep_quant=True))
+    convert(tmp / "first.gguf", tmp / "rebaked", Options(keep_quant=True, names="gguf"))
     export_gguf(tmp / "rebaked", tmp / "second.gguf")
     assert tensor_data(tmp / "second.gguf") == tensor_data(tmp / "first.gguf")
     assert fields(tmp / "second.gguf") == fields(tmp / "first.gguf")
@@ -86,7 +86,7 @@ def test_exported_q4_k_m_gguf_round_trips_through_a_bake(tmp):
 @pytest.mark.parametrize("outtype", ["f16", "bf16"])
 def test_outtype_on_a_gguf_bake_casts_and_says_so(tmp, gguf_file, outtype):  # noqa: F811
     path, _ = gguf_file
-    convert(path, tmp / "baked", Options(keep_quant=True))
+    convert(path, tmp / "baked", Options(keep_quant=True, names="gguf"))
     export_gguf(tmp / "baked", tmp / "cast.gguf", outtype=outtype)
     src, out = tensor_data(path), tensor_data(tmp / "cast.gguf")
     for name, (qtype, shape, data) in out.items():
@@ -99,7 +99,7 @@ def test_outtype_on_a_gguf_bake_casts_and_says_so(tmp, gguf_file, outtype):  # n
 
 def test_quant_on_a_dequantized_gguf_bake_requantizes_its_matrices(tmp, gguf_file):  # noqa: F811
     path, _ = gguf_file
-    convert(path, tmp / "baked", Options())  # F16 everywhere blocks were
+    convert(path, tmp / "baked", Options(names="gguf"))  # F16 everywhere blocks were
     result = export_gguf(tmp / "baked", tmp / "q8.gguf", quant="q8_0")
     out = tensor_data(tmp / "q8.gguf")
     assert out["blk.0.attn_q.weight"][0] == "Q8_0" and out["blk.0.ffn_norm.weight"][0] == "BF16"  # 1-D: as stored

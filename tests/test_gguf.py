@@ -1,6 +1,8 @@
-"""GGUF files written by gguf-py's ``GGUFWriter`` bake correctly: plain tensors byte for byte,
-block-quantized tensors as gguf-py's own dequantization (cast to the asked dtype, F16 by
-default), shapes in PyTorch order, key-value metadata in the manifest, execution order."""
+"""GGUF files written by gguf-py's ``GGUFWriter`` bake correctly under their GGUF names
+(``--names gguf``): plain tensors byte for byte, block-quantized tensors as gguf-py's own
+dequantization (cast to the asked dtype, F16 by default), shapes in PyTorch order, key-value
+metadata in the manifest and, byte for byte, in ``gguf_metadata.gguf``, execution order.
+(Bakes as Hugging Face folders: ``test_gguf_hf.py``.)"""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from prebake.convert.bake import GGUF_METADATA, SHORT_LIST, convert
+from prebake.convert.bake import convert
+from prebake.convert.gguf_source import METADATA_GGUF, METADATA_JSON
 from prebake.convert.plan import Options
+from prebake.formats.gguf_file import SHORT_ARRAY, open_gguf
 from prebake.formats.manifest import read_manifest
 
 from tests.conftest import check_bake
@@ -159,7 +163,7 @@ def _expected(written: dict, dtype: str | None) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [None, "F32", "BF16"], ids=["default", "F32", "BF16"])
 def test_gguf_bake_matches_gguf_py(tmp, gguf_file, dtype):
     path, written = gguf_file
-    m = convert(path, tmp / "out", Options(dtype=dtype))
+    m = convert(path, tmp / "out", Options(dtype=dtype, names="gguf"))
     expected = _expected(written, dtype)
     check_bake(tmp / "out", expected)  # alignment, stock readability, every byte
     assert m.source["format"] == "gguf"
@@ -179,8 +183,8 @@ def test_gguf_bake_matches_gguf_py(tmp, gguf_file, dtype):
 def test_gguf_dequantization_agrees_with_float32_route(tmp, gguf_file):
     """The F16 bake of a quantized tensor is the F32 bake rounded once (no double rounding)."""
     path, written = gguf_file
-    convert(path, tmp / "f16")
-    convert(path, tmp / "f32", Options(dtype="F32"))
+    convert(path, tmp / "f16", Options(names="gguf"))
+    convert(path, tmp / "f32", Options(dtype="F32", names="gguf"))
     f16, f32 = check_bake(tmp / "f16"), check_bake(tmp / "f32")
     for name, (qtype, _) in written.items():
         if qtype not in PLAIN:
@@ -189,7 +193,7 @@ def test_gguf_dequantization_agrees_with_float32_route(tmp, gguf_file):
 
 def test_gguf_shapes_in_pytorch_order(tmp, gguf_file):
     path, _ = gguf_file
-    m = convert(path, tmp / "out")
+    m = convert(path, tmp / "out", Options(names="gguf"))
     reader = gguf.GGUFReader(str(path))
     ne = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     for name, (_, shape) in LAYOUT.items():
@@ -201,17 +205,24 @@ def test_gguf_shapes_in_pytorch_order(tmp, gguf_file):
 
 def test_gguf_metadata_in_manifest(tmp, gguf_file):
     path, _ = gguf_file
-    m = convert(path, tmp / "out")
+    m = convert(path, tmp / "out", Options(names="gguf"))
     expected = dict(METADATA)
     expected["llama.attention.layer_norm_rms_epsilon"] = float(np.float32(METADATA["llama.attention.layer_norm_rms_epsilon"]))
-    # every key-value pair, long arrays included, in the side file the bake lists among its files
-    full = json.loads((tmp / "out" / GGUF_METADATA).read_text())
-    assert full == expected
-    assert GGUF_METADATA in {f.path for f in m.files}
+    # every key-value pair, long arrays included, byte for byte in a GGUF file of no tensors
+    kept = open_gguf(tmp / "out" / METADATA_GGUF)
+    assert kept.metadata(max_list=None) == expected and not kept.tensors
+    source = open_gguf(path)
+    assert kept.buffer[slice(*kept.kv_span)].tobytes() == source.buffer[slice(*source.kv_span)].tobytes()
+    assert {t.name for t in gguf.GGUFReader(tmp / "out" / METADATA_GGUF).tensors} == set()
+    assert METADATA_GGUF in {f.path for f in m.files} and not (tmp / "out" / METADATA_JSON).exists()
+    # as JSON only when asked
+    m = convert(path, tmp / "json", Options(names="gguf", gguf_metadata=True))
+    assert json.loads((tmp / "json" / METADATA_JSON).read_text()) == expected
+    assert METADATA_JSON in {f.path for f in m.files}
     # the manifest holds every key but the long arrays, with the same values and JSON types
     meta = read_manifest(tmp / "out").metadata["gguf"]
     assert not any(k.startswith("GGUF.") for k in meta)  # header fields are not metadata
-    short = {k: v for k, v in expected.items() if not isinstance(v, list) or len(v) <= SHORT_LIST}
+    short = {k: v for k, v in expected.items() if not isinstance(v, list) or len(v) <= SHORT_ARRAY}
     assert meta == short
     assert "general.tags" in meta and "tokenizer.ggml.tokens" not in meta
     for key in ("llama.use_parallel_residual", "general.file_type_is_fake"):
@@ -221,7 +232,7 @@ def test_gguf_metadata_in_manifest(tmp, gguf_file):
 
 def test_gguf_execution_order_and_sharding(tmp, gguf_file):
     path, _ = gguf_file
-    m = convert(path, tmp / "out", Options(shard_size=1 << 20))
+    m = convert(path, tmp / "out", Options(shard_size=1 << 20, names="gguf"))
     check_bake(tmp / "out")
     assert len(m.shards) > 2
     assert list(m.tensors) == EXECUTION_ORDER

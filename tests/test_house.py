@@ -93,7 +93,7 @@ def test_a_variant_of_a_gguf_keeps_its_blocks(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    convert(tmp_path / "m.gguf", tmp_path / "out", Options(keep_quant=True), variants=["first1=first=1"])
+    convert(tmp_path / "m.gguf", tmp_path / "out", Options(keep_quant=True, names="gguf"), variants=["first1=first=1"])
     variant = load_from_manifest(tmp_path / "out", variant="first1")
     assert set(variant) == {"blk.0.attn_q.weight", "blk.0.attn_norm.weight", "output_norm.weight"}
     q = variant["blk.0.attn_q.weight"]

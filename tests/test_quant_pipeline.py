@@ -262,7 +262,7 @@ def test_gguf_blocks_kept_as_they_are(tmp):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    m = convert(tmp / "m.gguf", tmp / "out", Options(keep_quant=True))
+    m = convert(tmp / "m.gguf", tmp / "out", Options(keep_quant=True, names="gguf"))
     assert {n for n, t in m.tensors.items() if t.qtype} == {f"blk.0.{q.lower()}.weight" for q in blocks}
     sd = load_from_manifest(tmp / "out")
     for q, b in blocks.items():
@@ -338,7 +338,7 @@ def test_gguf_blocks_requantized_on_request(tmp):
     w.write_tensors_to_file()
     w.close()
     with pytest.warns(PrebakeWarning, match="quantizes the source's Q4_0 blocks again"):
-        m = convert(tmp / "m.gguf", tmp / "out", Options(quant="q8_0"))
+        m = convert(tmp / "m.gguf", tmp / "out", Options(quant="q8_0", names="gguf"))
     q = m.tensors["blk.0.ffn_up.weight"]
     assert q.qtype == "Q8_0" and q.dtype == "F16" and q.source_dtype == "Q4_0"
     p = load_from_manifest(tmp / "out")["blk.0.ffn_up.weight"]

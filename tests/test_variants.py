@@ -10,6 +10,7 @@ import pytest
 import torch
 from prebake.cache.load import load_from_manifest
 from prebake.convert.bake import convert
+from prebake.convert.plan import Options
 from prebake.convert.variants import SpecError, parse_spec, plan_variant
 from prebake.formats.manifest import read_manifest
 
@@ -168,7 +169,7 @@ def test_gguf_variant_cuts_stacked_experts_and_its_metadata(tmp):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    m = convert(tmp / "moe.gguf", tmp / "out", variants=["v=first=2;experts=1,3"])
+    m = convert(tmp / "moe.gguf", tmp / "out", Options(names="gguf"), variants=["v=first=2;experts=1,3"])
     meta = json.loads((tmp / "out" / m.variants["v"]["config"]).read_text())
     assert meta == {"llama.block_count": 2, "llama.expert_count": 2, "llama.expert_used_count": 2}
     sd = load_from_manifest(tmp / "out", variant="v")

@@ -1,0 +1,104 @@
+"""A GGUF's tokenizer as Hugging Face files, built by transformers' own GGUF tokenizer converters.
+
+transformers rebuilds a fast tokenizer from a GGUF's ``tokenizer.ggml.*`` keys
+(``get_gguf_tokenizer`` / ``convert_gguf_tokenizer``: byte-level BPE, SentencePiece BPE with
+Gemma's and Phi-3's variants, Unigram; special and user-defined tokens; add-BOS/EOS flags and
+the chat template). prebake builds the same tokenizer class ``AutoTokenizer`` would pick for
+the model's config, from the same file, and saves it: ``tokenizer.json``,
+``tokenizer_config.json`` (special tokens and their flags) and ``chat_template.jinja``. The
+steps that read the file are prebake's (:func:`tokenizer_inputs` says why); the config is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from prebake.formats.errors import FormatError
+from prebake.formats.gguf_file import GGUFFile
+
+
+def has_tokenizer(f: GGUFFile) -> bool:
+    return "tokenizer.ggml.tokens" in f.fields and "tokenizer.ggml.model" in f.fields
+
+
+def write_tokenizer(f: GGUFFile, config, folder: Path) -> list[Path]:
+    """Saves ``f``'s tokenizer into ``folder``; returns the files written.
+
+    The long string arrays are decoded (and checked as UTF-8) by prebake's parser, so a damaged
+    vocabulary is a :class:`FormatError` naming the file, as everywhere else.
+    """
+    from transformers.integrations.gguf import convert_gguf_tokenizer
+
+    architecture, tokenizer_dict, tokenizer_config = tokenizer_inputs(f)
+    with _quiet(), tempfile.TemporaryDirectory(dir=folder) as tmp:
+        try:
+            backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+            del tokenizer_dict
+            # handed over as a file, not an object (which the class deep-copies): one copy in memory at a time
+            backend.save(str(Path(tmp) / "backend.json"))
+            del backend
+            tokenizer = tokenizer_class(config)(tokenizer_file=str(Path(tmp) / "backend.json"), **tokenizer_config,
+                                                **extra)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise FormatError(f"transformers cannot build a tokenizer from this file ({e})", f.path) from None
+        (Path(tmp) / "backend.json").unlink()
+        out = []
+        for p in map(Path, tokenizer.save_pretrained(tmp)):
+            if p.is_file():
+                p.replace(folder / p.name)
+                out.append(folder / p.name)
+    return out
+
+
+def tokenizer_inputs(f: GGUFFile) -> tuple[str, dict, dict]:
+    """What transformers' ``get_gguf_tokenizer`` returns for ``f``: (architecture, the tokenizer's
+    keys under transformers' names, the tokenizer config).
+
+    Built here from prebake's parse, by transformers' own table (``GGUF_TOKENIZER_MAPPING``) and
+    rules: ``get_gguf_tokenizer`` reads the file again with a reader of its own that decodes each
+    of the vocabulary's strings in Python (about 2 s for 152k tokens and their merges, a quarter
+    of this whole bake); ``tests/test_gguf_hf.py`` checks the two agree.
+    """
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
+
+    def value(key):
+        return f.fields[key].value()
+
+    grouped = {group: {name: value(f"tokenizer.{key}") for key, name in renames.items()
+                       if f"tokenizer.{key}" in f.fields} for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a SentencePiece vocabulary unless told
+        tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer.get("tokenizer_type") == "gemma4":  # its chat template writes <bos> itself
+        tokenizer_config["add_bos_token"] = False
+    for name, key in SPECIAL_TOKENS.items():
+        token_id = f.fields[f"tokenizer.ggml.{key}"].value() if f"tokenizer.ggml.{key}" in f.fields else None
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return value("general.architecture"), tokenizer, tokenizer_config
+
+
+SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                  "pad_token": "padding_token_id"}  # transformers' _SPECIAL_TOKENS (private there)
+
+
+def tokenizer_class(config) -> type:
+    """The tokenizer class ``AutoTokenizer`` picks for ``config`` (its fast backend by default)."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    return TOKENIZER_MAPPING.get(type(config), TokenizersBackend) or TokenizersBackend
+
+
+class _quiet:
+    """transformers logs at INFO/WARNING while it converts a vocabulary: keep the bake's output to
+    prebake's own lines."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("transformers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
