@@ -73,7 +73,8 @@ def _items(name, dtype, shape, shard, offset, nbytes, maps) -> TensorInfo:
     def read():
         return raw_view(maps[shard], offset, shape, DTYPE_SIZES[dtype])
 
-    return TensorInfo(name, dtype, shape, nbytes, str(maps.path(shard)), read, StorageRef(name, offset, offset + nbytes, True))
+    return TensorInfo(name, dtype, shape, nbytes, str(maps.path(shard)), read,
+                      StorageRef(name, offset, offset + nbytes, True), offset=offset)
 
 
 def _blocks(name, dtype, shape, qtype, shard, offset, nbytes, maps) -> TensorInfo:
@@ -84,7 +85,7 @@ def _blocks(name, dtype, shape, qtype, shard, offset, nbytes, maps) -> TensorInf
         return maps[shard][offset:offset + nbytes].reshape(rows, row_bytes)
 
     return TensorInfo(name, dtype, shape, nbytes, str(maps.path(shard)), read,
-                      StorageRef(name, offset, offset + nbytes, True), qtype)
+                      StorageRef(name, offset, offset + nbytes, True), qtype, offset=offset)
 
 
 class _ShardMaps(dict):

@@ -117,7 +117,8 @@ def _describe(parsed: GGUFFile, t) -> TensorInfo:
             return buffer[offset:offset + nbytes].reshape(rows, nbytes // rows)
 
     return TensorInfo(t.name, whole.dtype, shape, nbytes, parsed.path, read, ref, whole.qtype,
-                      rows=None if order is None else np.asarray(order), add=t.add, source_name=src.name)
+                      rows=None if order is None else np.asarray(order), add=t.add, source_name=src.name,
+                      offset=offset if order is None else None)
 
 
 def _config_files(layout) -> Writer:

@@ -77,12 +77,57 @@ def do_item(item: Item, tensors: dict[tuple[str, bool], Planned], fds: dict[int,
     """Produces, hashes and writes ``item``'s pieces into the open shard files ``fds``; returns
     ``[(key, piece index, digest)]``."""
     out = []
-    for piece in item.pieces:
-        p = tensors[piece.key]
-        data = _piece_bytes(p, piece.start, piece.end)
-        out.append((piece.key, piece.index, piece_digest(data)))
-        pwrite_all(fds[piece.shard], data, piece.at)
+    sources = _Sources()
+    try:
+        for piece in item.pieces:
+            p = tensors[piece.key]
+            data = sources.read(p, piece.start, piece.end) if _plain_copy(p) else _piece_bytes(p, piece.start, piece.end)
+            out.append((piece.key, piece.index, piece_digest(data)))
+            pwrite_all(fds[piece.shard], data, piece.at)
+    finally:
+        sources.close()
     return out
+
+
+def _plain_copy(p: Planned) -> bool:
+    """Whether ``p``'s output is a byte range of its source file, as it lies there."""
+    return p.transform in ("copy", "blocks") and p.source.offset is not None and p.source.rows is None and p.tiles == 1
+
+
+_buffers = threading.local()
+
+
+class _Sources:
+    """Source files read with ``pread`` into this thread's reused buffer, the way ``cp`` moves bytes:
+    a copy out of a map faults the source in page by page inside the ``write`` (measured here at
+    about a third of ``cp``'s speed)."""
+
+    def __init__(self):
+        self.fds: dict[str, int] = {}
+
+    def read(self, p: Planned, start: int, end: int) -> memoryview:
+        buf = getattr(_buffers, "buf", None)
+        if buf is None or len(buf) < end - start:
+            buf = _buffers.buf = memoryview(bytearray(max(end - start, 1 << 20)))
+        path = p.source.path
+        try:
+            fd = self.fds.get(path)
+            if fd is None:
+                fd = self.fds[path] = os.open(path, os.O_RDONLY)
+            view, got = buf[:end - start], 0
+            while got < end - start:
+                n = os.preadv(fd, [view[got:]], p.source.offset + start + got)
+                if n == 0:
+                    raise FormatError(f"tensor {p.name!r}: the file ends before its bytes do (truncated while "
+                                      "being read?)", path)
+                got += n
+        except OSError as e:
+            raise FormatError(f"cannot read tensor {p.name!r} ({e.strerror or e})", path) from None
+        return view
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
 
 
 def _piece_bytes(p: Planned, start: int, end: int) -> memoryview:

@@ -53,7 +53,7 @@ def describe(parsed: GGUFFile, t: GGUFTensor) -> TensorInfo:
         def read():
             return raw_view(buffer, offset, shape, DTYPE_SIZES[dtype])
 
-        return TensorInfo(t.name, dtype, shape, nbytes, parsed.path, read, ref)
+        return TensorInfo(t.name, dtype, shape, nbytes, parsed.path, read, ref, offset=offset)
     block, type_size = t.block
     row = shape[-1] if shape else 1
     rows, row_bytes = numel(shape) // row, row // block * type_size
@@ -61,7 +61,7 @@ def describe(parsed: GGUFFile, t: GGUFTensor) -> TensorInfo:
     def read_blocks():
         return buffer[offset:offset + nbytes].reshape(rows, row_bytes)
 
-    return TensorInfo(t.name, "F32", shape, nbytes, parsed.path, read_blocks, ref, t.type)
+    return TensorInfo(t.name, "F32", shape, nbytes, parsed.path, read_blocks, ref, t.type, offset=offset)
 
 
 def metadata_only(parsed: GGUFFile) -> bytes:

@@ -61,4 +61,5 @@ def _describe(name: str, entry, mm, start: int, size: int, path: str) -> TensorI
     def read(offset=start + begin):
         return raw_view(mm, offset, shape, itemsize)
 
-    return TensorInfo(name, dtype, shape, nbytes, path, read, StorageRef(name, begin, end, True))
+    return TensorInfo(name, dtype, shape, nbytes, path, read, StorageRef(name, begin, end, True),
+                      offset=start + begin)

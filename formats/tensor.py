@@ -57,6 +57,10 @@ class TensorInfo:
     block rows, so no block is re-encoded); ``add`` is a constant added to every value (a
     stored norm offset undone); ``source_name`` is the tensor's name in the source file when
     it differs from ``name``.
+
+    ``offset``, when set, is where in the file at ``path`` the tensor's bytes lie, in order and
+    contiguous (``nbytes`` of them): a copy can then read the file (``pread``) instead of
+    faulting a map in page by page.
     """
 
     name: str
@@ -70,6 +74,7 @@ class TensorInfo:
     rows: np.ndarray | None = field(default=None, repr=False, compare=False)
     add: float = 0.0
     source_name: str | None = None
+    offset: int | None = None
 
     @property
     def numel(self) -> int:
