@@ -48,7 +48,7 @@ def _untiled(t: TensorInfo, n: int) -> TensorInfo:
             t.read().reshape(n, t.shape[0], t.shape[1] // n)
         return np.ascontiguousarray(tiles.transpose(1, 0, 2)).reshape(tiles.shape[1], -1)
 
-    return replace(t, read=read)
+    return replace(t, read=read, offset=None)  # its bytes are not the file's, in order
 
 
 def full_aliases(m: Manifest) -> dict[str, str]:
