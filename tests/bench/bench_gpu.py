@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.bench.common import REPEAT, WORK, big_checkpoint, drop_cache, median, python_timing, table
+from tests.bench.common import (
+    REPEAT,
+    big_bake,
+    drop_cache,
+    median,
+    python_timing,
+    table,
+)
 
 PRELUDE = "import json, time, torch\ntorch.zeros(1, device='cuda'); torch.cuda.synchronize()\n{imp}\n"
 CLOCK = "t = time.perf_counter()\n{body}\ntorch.cuda.synchronize()\nprint(json.dumps({{'s': time.perf_counter() - t}}))"
@@ -21,16 +28,7 @@ FASTSAFE = ("from fastsafetensors import fastsafe_open as f",
 
 
 def main() -> None:
-    big_checkpoint()
-    out = WORK / "llama-1.8g-baked"
-    if not (out / "manifest.json").exists():
-        from prebake.convert.bake import convert
-
-        convert(big_checkpoint(), out)
-    from prebake.formats.manifest import read_manifest
-
-    m = read_manifest(out)
-    shards = [str(out / s.file) for s in m.shards]
+    out, m, shards = big_bake()
     size = sum(s.size for s in m.shards)
     cases = {
         "pinned copy_ (ceiling)": ("h = torch.empty({n}, dtype=torch.uint8, pin_memory=True)\n"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from tests.bench.common import WORK, big_checkpoint, drop_cache, median, python_timing, table
+from tests.bench.common import big_bake, drop_cache, median, python_timing, table
 from tests.bench.throttle import enter_code, make, readahead
 
 BPS = 150 * 10**6
@@ -39,16 +39,7 @@ RUNS = {
 
 
 def main() -> None:
-    big_checkpoint()
-    out = WORK / "llama-1.8g-baked"
-    if not (out / "manifest.json").exists():
-        from prebake.convert.bake import convert
-
-        convert(big_checkpoint(), out)
-    from prebake.formats.manifest import read_manifest
-
-    m = read_manifest(out)
-    shards = [str(out / s.file) for s in m.shards]
+    out, m, shards = big_bake()
     group = make(out, BPS, IOPS)
     note = f"blkio throttle {BPS // 10**6} MB/s, {IOPS} IOPS" if group else "NO throttle (needs root and cgroup v1 blkio): memory-speed reads"
     own = readahead(out, 0).file

@@ -17,7 +17,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.bench.common import REPEAT, WORK, big_checkpoint, drop_cache, median, python_timing, table
+from tests.bench.common import (
+    REPEAT,
+    WORK,
+    big_bake,
+    drop_cache,
+    median,
+    python_timing,
+    table,
+)
 from tests.bench.throttle import enter_code, make
 
 BPS = 400 * 10**6
@@ -81,16 +89,7 @@ def bench_small() -> None:
 
 
 def bench_cold_eager() -> None:
-    big_checkpoint()
-    out = WORK / "llama-1.8g-baked"
-    if not (out / "manifest.json").exists():
-        from prebake.convert.bake import convert
-
-        convert(big_checkpoint(), out)
-    from prebake.formats.manifest import read_manifest
-
-    m = read_manifest(out)
-    shards = [str(out / s.file) for s in m.shards]
+    out, m, shards = big_bake()
     group = make(out, BPS)
     note = f"reads throttled to {BPS // 10**6} MB/s" if group else "NO throttle (needs root and cgroup v1 blkio)"
     touch = "for t in sd.values():\n    t.reshape(-1)[::4096 // t.element_size()].sum()"

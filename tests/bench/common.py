@@ -116,3 +116,16 @@ def big_checkpoint() -> Path:
                   "num_key_value_heads": 16, "vocab_size": 32000, "tie_word_embeddings": True}
         (path.parent / "config.json").write_text(json.dumps(config))
     return path
+
+
+def big_bake():
+    """The bake of :func:`big_checkpoint` (made once), its manifest, and its shard paths."""
+    out = WORK / "llama-1.8g-baked"
+    if not (out / "manifest.json").exists():
+        from prebake.convert.bake import convert
+
+        convert(big_checkpoint(), out)
+    from prebake.formats.manifest import read_manifest
+
+    m = read_manifest(out)
+    return out, m, [str(out / s.file) for s in m.shards]
