@@ -692,3 +692,12 @@ def test_load_refuses_a_shard_of_the_wrong_size(bake):
     with pytest.raises(ManifestError, match="bytes, the manifest says") as info:
         load_from_manifest(bake)
     assert str(shard) in str(info.value) and "verify" in str(info.value)
+
+
+def test_a_tensor_under_a_reserved_name_is_refused(tmp_path):
+    """Before: a checkpoint tensor named __prebake_pad__* was dropped silently (zeros written)."""
+    src = save_torch(tmp_path / "model.bin", {"__prebake_pad__.0.0": torch.ones(4), "w": torch.ones(4)})
+    with pytest.raises(FormatError, match="reserves"):
+        convert(src, tmp_path / "out")
+    one_error_line(cli("convert", src, tmp_path / "out"), "__prebake_pad__.0.0")
+    assert not (tmp_path / "out").exists()
