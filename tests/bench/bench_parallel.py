@@ -8,11 +8,14 @@ anonymous memory against the bound N x (largest tensor's work) + 256 MiB. A loca
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 
-from tests.bench.common import REPEAT, WORK, big_checkpoint, median, run_timed, table
+from tests.bench.common import WORK, big_checkpoint, median, run_timed, table
+
+REPEAT = int(os.environ.get("PREBAKE_BENCH_PARALLEL_REPEAT", "3"))  # a single-worker q4_k_m bake takes a minute
 
 CASES = {"1 worker": ["--workers", "1"], "2 workers": ["--workers", "2"], "Ray, 2 CPUs": ["--ray", "auto"]}
 
