@@ -178,3 +178,24 @@ def test_safetensors_source_round_trip(tmp):
     check_bake(tmp / "out", sd)
     assert m.metadata["safetensors"] == {"k": "v"}
     assert verify(tmp / "out").tensors == 2
+
+
+def test_views_made_in_bulk_are_the_tensors(tmp_path):
+    """A MoE's experts (runs of one shape a fixed step apart) come from one as_strided and an unbind:
+    each must be exactly its own tensor, contiguous, a view of the map."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    sd = {}
+    for e in range(9):
+        sd[f"layers.0.experts.{e}.w1.weight"] = torch.randn(8, 16)
+        sd[f"layers.0.experts.{e}.w2.weight"] = torch.randn(16, 8)
+        if e % 3 == 0:  # breaks the step now and then
+            sd[f"layers.0.experts.{e}.extra"] = torch.randn(3)
+    save_file(sd, str(tmp_path / "moe.safetensors"))
+    convert(tmp_path / "moe.safetensors", tmp_path / "out")
+    got = load_from_manifest(tmp_path / "out")
+    ref = load_file(str(tmp_path / "moe.safetensors"))
+    assert list(got) == list(read_manifest(tmp_path / "out").tensors)  # execution order kept
+    for name, t in ref.items():
+        assert torch.equal(got[name], t) and got[name].is_contiguous(), name
