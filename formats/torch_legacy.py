@@ -69,9 +69,11 @@ def _storage_starts(mm: mmap.mmap, pos: int, keys, storages: dict[str, StorageRe
         (count,) = _COUNT.unpack_from(mm, pos)
         elements = rec.nbytes // DTYPE_SIZES[rec.dtype]
         if count != elements:
-            raise FormatError(f"storage {key!r} is corrupt (its header says {count} elements, the pickle {elements})")
-        if rec.nbytes > len(mm) - pos - _COUNT.size:
-            raise FormatError(f"storage {key!r} is truncated ({len(mm) - pos - _COUNT.size} of {rec.nbytes} bytes)")
+            raise FormatError(f"storage {key!r} is corrupt (its header says {count} elements, "
+                              f"the pickle {elements})")
+        left = len(mm) - pos - _COUNT.size
+        if rec.nbytes > left:
+            raise FormatError(f"storage {key!r} is truncated ({left} of {rec.nbytes} bytes)")
         starts[key] = pos + _COUNT.size
         pos += _COUNT.size + rec.nbytes
     missing = set(storages) - set(starts)

@@ -115,12 +115,13 @@ class StateDict(collections.OrderedDict):
 
     Its pickled attribute state (``_metadata``) is checked and dropped: torch's loader does
     ``inst.__dict__.update(state)``, attributes, never entries, and keeping them off the object
-    means a state named ``items`` or ``keys`` cannot shadow the mapping's methods. Arguments are
-    refused (pickle never writes ``OrderedDict(x)``; copying one list from the memo again and
-    again would multiply memory): ``__init__`` is ``dict.clear``, which takes none, at C speed.
+    means a state named ``items`` or ``keys`` cannot shadow the mapping's methods.
     """
 
-    __init__ = dict.clear
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:  # copying one list from the memo again and again would multiply memory
+            raise UnsupportedError("the pickle calls OrderedDict() with arguments, which pickle itself "
+                                   "never writes (it fills an empty one)")
 
     def __setstate__(self, state):
         try:

@@ -50,7 +50,8 @@ def flatten(obj, budget: int) -> tuple[list[tuple[str, TensorRecord]], list[tupl
             raise FormatError(f"the checkpoint contains itself at {name[:120]!r} (a {type(node).__name__} "
                               "inside its own value), which no state dict does")
         if depth >= MAX_DEPTH:
-            raise FormatError(f"the checkpoint nests containers deeper than {MAX_DEPTH} levels (at {name[:120]!r})")
+            raise FormatError(f"the checkpoint nests containers deeper than {MAX_DEPTH} levels "
+                              f"(at {name[:120]!r})")
         path.append(id(node))
         # charged before the names are built: a shared container makes all its names at once
         budget -= len(node) * (_ENTRY_COST + len(name) + 1)

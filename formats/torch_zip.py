@@ -104,7 +104,8 @@ def _layout(zf: zipfile.ZipFile, mm) -> _Layout:
                               "zipfile the last): refused")
         folder, _, record = name.partition("/")
         if folder != prefix or not (record in _RECORDS or (record.startswith("data/") and len(record) > 5)):
-            raise FormatError(f"member {name[:200]} is not part of a torch.save checkpoint (folder {prefix[:80]}/)")
+            raise FormatError(f"member {name[:200]} is not part of a torch.save checkpoint "
+                              f"(folder {prefix[:80]}/)")
         if info.flag_bits & _ENCRYPTED:
             raise UnsupportedError(f"member {name[:200]} is encrypted")
         members[name] = info
