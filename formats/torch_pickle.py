@@ -12,28 +12,35 @@ to the same budget, so no pickle makes the unpickler allocate much more than its
 Everything a pickle can reach (records, callables, storage types, dtypes) refuses ``BUILD``:
 the C unpickler would otherwise set attributes on them (``OrderedDict`` state is checked and
 set aside, as torch sets it aside from the mapping).
+
+Opcodes keep the C unpickler's standard meaning, which is what ``torch.load(weights_only=False)``
+gives them. torch's ``weights_only`` unpickler implements only the protocol-2 subset that
+``torch.save`` writes by default, so a checkpoint saved with ``pickle_protocol=4`` (or using
+any other standard opcode) bakes here although ``weights_only=True`` refuses it: the opcodes
+themselves cannot run code, only globals can, and those are allow-listed the same way.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import functools
 import io
 import pickle
 import threading
 from dataclasses import dataclass
 
-from prebake.formats.errors import FormatError, UnsafePickleError
+from prebake.formats.errors import FormatError, UnsafePickleError, UnsupportedError
 from prebake.formats.pickle_scan import LIMITS, Limits, Scan, scan
 from prebake.formats.torch_records import (
-    CALLABLES,
     STORAGE_DTYPES,
+    TENSOR_CALLABLES,
     TORCH_DTYPES,
     Allowed,
-    StateDict,
     StorageRecord,
     Tag,
     TensorRecord,
+    shown,
     storage_from_pid,
 )
 
@@ -56,6 +63,95 @@ class Budget:
                               f"({what}), far more than its size calls for: refused")
 
 
+class StateDict(collections.OrderedDict):
+    """What ``collections.OrderedDict`` is in a pickle: built empty, filled by SETITEMS.
+
+    Its pickled attribute state (``_metadata``) is checked and dropped: torch's loader does
+    ``inst.__dict__.update(state)``, attributes, never entries, and keeping them off the object
+    means a state named ``items`` or ``keys`` cannot shadow the mapping's methods.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:  # copying one list from the memo again and again would multiply memory
+            raise UnsupportedError("the pickle calls OrderedDict() with arguments, which pickle itself "
+                                   "never writes (it fills an empty one)")
+
+    def __setstate__(self, state):
+        try:
+            {}.update(state)  # what torch accepts as attribute state; it refuses anything else
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"an OrderedDict's pickled state is not a mapping ({e}); "
+                              "torch.load refuses it too") from None
+
+
+# The allowed builtins: each checks its arguments and charges what it copies.
+
+
+def _sized(u, arg, per_item: int, what: str) -> None:
+    if hasattr(arg, "__len__"):
+        u.budget.charge(64 + per_item * len(arg), what)
+
+
+def _set(u, *args):
+    if args:
+        _sized(u, args[0], 64, "set()")
+    return set(*args)
+
+
+def _frozenset(u, *args):
+    if args:
+        _sized(u, args[0], 64, "frozenset()")
+    return frozenset(*args)
+
+
+def _size(u, dims=()):
+    if type(dims) not in (tuple, list) or any(type(d) is not int for d in dims):
+        raise FormatError(f"torch.Size is given {shown(dims)}, not integers")
+    u.budget.charge(64 + 8 * len(dims), "torch.Size()")
+    return tuple(dims)
+
+
+def _bytearray(u, *args):
+    # pickle writes bytearray(bytes) or bytearray(str, "latin-1"); bytearray(n) would
+    # allocate n bytes from a number in the file
+    data = args[0] if args else b""
+    latin1 = len(args) == 2 and type(data) is str and args[1] in ("latin-1", "latin1")
+    if not (latin1 or (len(args) <= 1 and type(data) in (bytes, bytearray))):
+        raise UnsupportedError(f"bytearray({', '.join(shown(a) for a in args)}) is not how pickle writes a "
+                               "bytearray (it would allocate from a number in the file)")
+    u.budget.charge(64 + len(data), "bytearray()")
+    return bytearray(*args)
+
+
+def _encode(u, obj, encoding="utf-8", errors="strict"):
+    # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"); other codecs expand
+    # (hex doubles, nested calls double again), so only latin1 is allowed
+    if type(obj) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnsupportedError(f"_codecs.encode({shown(obj)}, {shown(encoding)}) is not how pickle writes bytes")
+    u.budget.charge(64 + len(obj), "_codecs.encode()")
+    return obj.encode("latin-1")
+
+
+def _scalar(kind):
+    def build(u, *args):
+        if len(args) > 3:
+            raise FormatError(f"{kind.__name__}() is given {len(args)} arguments")
+        return kind(*args)
+    return build
+
+
+_VALUE_CALLABLES = {
+    ("builtins", "set"): _set,
+    ("builtins", "frozenset"): _frozenset,
+    ("builtins", "complex"): _scalar(complex),
+    ("builtins", "slice"): _scalar(slice),
+    ("builtins", "bytearray"): _bytearray,
+    ("_codecs", "encode"): _encode,
+    ("torch", "Size"): _size,
+}
+_CALLABLES = {**TENSOR_CALLABLES, **_VALUE_CALLABLES}
+
+
 class Opaque:
     """An inert stand-in for an allowed non-tensor object; records its arguments, runs nothing."""
 
@@ -69,6 +165,9 @@ class Opaque:
 
     def __setstate__(self, state):
         self.state = state
+
+    def __repr__(self) -> str:  # in names (an object used as a dict key): no memory address
+        return f"<{self.qualname}>"
 
 
 @functools.cache
@@ -108,7 +207,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         qualname = f"{module}.{name}"[:200]  # for messages: a GLOBAL's lines can be any length
-        fn = CALLABLES.get((module, name))
+        fn = _CALLABLES.get((module, name))
         if fn is not None:
             return Allowed(fn, qualname, self)
         if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:

@@ -1,11 +1,11 @@
 """What a torch checkpoint's pickle may build: storage and tensor records, checked as torch checks them.
 
-The restricted unpickler (:mod:`prebake.formats.torch_pickle`) hands the globals a pickle names
-to the functions in :data:`CALLABLES` (through :class:`Allowed`, which passes the unpickler as
-their first argument) and its persistent ids to :func:`storage_from_pid`. Each checks its
-arguments the way ``torch.load`` would (types, int64 range, offsets and strides inside the
-storage) and charges what it copies to the unpickler's budget; nothing here allocates in
-proportion to a number from the file.
+The restricted unpickler (:mod:`prebake.formats.torch_pickle`) hands the tensor globals a
+pickle names to the functions in :data:`TENSOR_CALLABLES` (through :class:`Allowed`, which
+passes the unpickler as their first argument) and its persistent ids to
+:func:`storage_from_pid`. Each checks its arguments the way ``torch.load`` would (types, int64
+range, offsets and strides inside the storage); nothing here allocates in proportion to a
+number from the file.
 
 A tensor that torch would refuse becomes a :class:`TensorRecord` with a ``problem``: the reader
 raises it under the tensor's name once it knows the name.
@@ -13,7 +13,7 @@ raises it under the tensor's name once it knows the name.
 
 from __future__ import annotations
 
-import collections
+import re
 from dataclasses import dataclass
 
 from prebake.formats.errors import FormatError, UnsupportedError
@@ -38,6 +38,7 @@ TORCH_DTYPES: dict[str, str] = {
 MAX_INT = (1 << 63) - 1  # torch sizes, strides, offsets and byte counts are int64
 MAX_DIMS = 32  # numpy's limit before 2.0
 _MAX_KEY = 256
+_LOCATION = re.compile(r"[A-Za-z_]+(:[0-9]+)?")  # "cpu", "cuda:1", "mps", "npu:0", ...
 
 
 class Inert:
@@ -65,6 +66,9 @@ class Allowed(Inert):
     def __call__(self, *args):
         return self.fn(self.unpickler, *args)
 
+    def __repr__(self) -> str:  # in names (a global used as a dict key): no memory address
+        return self.what
+
 
 class Tag(Inert):
     """A global that only names something: a storage type, a dtype, ``torch.Tensor``."""
@@ -73,6 +77,9 @@ class Tag(Inert):
 
     def __init__(self, what: str, kind: str, dtype: str | None = None):
         self.what, self.kind, self.dtype = what, kind, dtype
+
+    def __repr__(self) -> str:
+        return self.what
 
 
 @dataclass(slots=True)
@@ -110,39 +117,19 @@ class TensorRecord:
         raise UnsupportedError("the pickle sets state (BUILD) on a tensor, which torch.save never writes")
 
 
-class StateDict(collections.OrderedDict):
-    """What ``collections.OrderedDict`` is in a pickle: built empty, filled by SETITEMS.
-
-    Its pickled attribute state (``_metadata``) is checked and dropped: torch's loader does
-    ``inst.__dict__.update(state)``, attributes, never entries, and keeping them off the object
-    means a state named ``items`` or ``keys`` cannot shadow the mapping's methods.
-    """
-
-    def __init__(self, *args, **kwargs):
-        if args or kwargs:  # copying one list from the memo again and again would multiply memory
-            raise UnsupportedError("the pickle calls OrderedDict() with arguments, which pickle itself "
-                                   "never writes (it fills an empty one)")
-
-    def __setstate__(self, state):
-        try:
-            {}.update(state)  # what torch accepts as attribute state; it refuses anything else
-        except (TypeError, ValueError) as e:
-            raise FormatError(f"an OrderedDict's pickled state is not a mapping ({e}); "
-                              "torch.load refuses it too") from None
-
-
 def check_int(value, what: str) -> int:
     """``value`` if it is an int in [0, 2**63) (torch's int64, never negative here), else refused."""
     if type(value) is not int:
-        raise FormatError(f"{what} is {_shown(value)}, not an integer")
+        raise FormatError(f"{what} is {shown(value)}, not an integer")
     if value < 0:
         raise FormatError(f"{what} is negative ({value})")
     if value > MAX_INT:
-        raise FormatError(f"{what} ({_shown(value)}) overflows int64")
+        raise FormatError(f"{what} ({shown(value)}) overflows int64")
     return value
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A value for an error message: numbers and strings as they are (cut at 40), else the type."""
     return repr(value)[:40] if type(value) in (int, float, bool, str) else f"a {type(value).__name__}"
 
 
@@ -154,19 +141,23 @@ def storage_from_pid(u, pid) -> StorageRecord:
     """The storage a persistent id names: ``("storage", type, key, location, numel[, view])``.
 
     The first id that names a key fixes its dtype and size, as in torch. ``location`` (the
-    device it was saved from) is ignored: the bytes are the same wherever they go.
+    device it was saved from, ``"cuda:0"``) must look like a device name; which device is not
+    checked (torch refuses one it cannot map to on the machine that loads it): the bytes are
+    the same wherever they go.
     """
     if type(pid) is not tuple or not pid or pid[0] not in ("storage", b"storage"):
         kind = pid[0] if type(pid) is tuple and pid else type(pid).__name__
-        raise UnsupportedError(f"unknown persistent id kind {_shown(kind)} in the pickle")
+        raise UnsupportedError(f"unknown persistent id kind {shown(kind)} in the pickle")
     fields = 6 if u.legacy else 5
     if len(pid) != fields:
         raise FormatError(f"a storage persistent id has {len(pid)} fields, not {fields}")
     storage_type, key, numel = pid[1], pid[2], pid[4]
     if type(key) not in (str, int) or len(key := str(key)) > _MAX_KEY:  # torch writes "0", "1", ...
-        raise FormatError(f"a storage key is {_shown(pid[2])}, not a short string")
+        raise FormatError(f"a storage key is {shown(pid[2])}, not a short string")
     if type(storage_type) is not Tag or storage_type.kind != "storage":
-        raise FormatError(f"storage {key!r} has type {_shown(storage_type)}, not a torch storage type")
+        raise FormatError(f"storage {key!r} has type {shown(storage_type)}, not a torch storage type")
+    if not (type(pid[3]) is str and _LOCATION.fullmatch(pid[3])):
+        raise FormatError(f"storage {key!r} has location {shown(pid[3])}, not a device name")
     nbytes = numel * DTYPE_SIZES[storage_type.dtype] if type(numel) is int else -1
     if not 0 <= nbytes <= MAX_INT:
         check_int(numel, f"storage {key!r}'s element count")
@@ -182,7 +173,7 @@ def storage_from_pid(u, pid) -> StorageRecord:
 def _storage_view(u, root: StorageRecord, view, dtype: str) -> StorageRecord:
     """A legacy storage view ``(view_key, offset, size)``, in elements of ``dtype``, inside ``root``."""
     if type(view) is not tuple or len(view) != 3 or type(view[0]) not in (str, int):
-        raise FormatError(f"storage {root.key!r} has a malformed view {_shown(view)}")
+        raise FormatError(f"storage {root.key!r} has a malformed view {shown(view)}")
     itemsize = DTYPE_SIZES[dtype]
     start = check_int(view[1], f"storage view {view[0]!r}'s offset") * itemsize
     nbytes = check_int(view[2], f"storage view {view[0]!r}'s size") * itemsize
@@ -212,7 +203,7 @@ def _rebuild_tensor_v2(u, storage, storage_offset, size, stride, requires_grad, 
 def _rebuild_tensor_v3(u, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                        metadata=None):
     code = dtype.dtype if isinstance(dtype, Tag) and dtype.kind == "dtype" else None
-    problem = None if code else f"its dtype is {_shown(dtype)}, not a torch dtype"
+    problem = None if code else f"its dtype is {shown(dtype)}, not a torch dtype"
     return _record(u, storage, storage_offset, size, stride, code, requires_grad, metadata, problem)
 
 
@@ -253,12 +244,12 @@ _PLAIN_STRIDE = MAX_INT >> 4  # times an item size of 8 or less still fits int64
 def _tensor_problem(storage, offset, size, stride, dtype, requires_grad, metadata) -> str | None:
     """Why ``torch.load`` would refuse this tensor (or prebake cannot map it), or None."""
     if not isinstance(storage, StorageRecord):
-        return f"it is built on {_shown(storage)}, not a storage"
+        return f"it is built on {shown(storage)}, not a storage"
     try:
         check_int(offset, "its storage offset")
         for name, dims in (("size", size), ("stride", stride)):
             if type(dims) not in (tuple, list):
-                return f"its {name} is {_shown(dims)}, not a tuple of integers"
+                return f"its {name} is {shown(dims)}, not a tuple of integers"
             for i, d in enumerate(dims):
                 check_int(d, f"its {name}[{i}]")
     except FormatError as e:
@@ -294,13 +285,13 @@ def _layout_problem(storage: StorageRecord, offset: int, size, stride, itemsize:
 
 def _flags_problem(dtype: str, requires_grad, metadata) -> str | None:
     if type(requires_grad) is not bool:
-        return f"its requires_grad is {_shown(requires_grad)}, not a bool"
+        return f"its requires_grad is {shown(requires_grad)}, not a bool"
     if requires_grad and dtype not in FLOAT_DTYPES and dtype != "C64":
         return f"it requires grad but its dtype {dtype} is not floating point (torch.load refuses it)"
     if metadata is None or metadata == {}:
         return None
     if type(metadata) is not dict or not set(metadata) <= {"conj", "neg"}:
-        return f"its metadata {_shown(metadata)} is not torch's (conj and neg bits)"
+        return f"its metadata {shown(metadata)} is not torch's (conj and neg bits)"
     if any(metadata.values()):
         bits = " and ".join(k for k, v in metadata.items() if v)
         return (f"it has its {bits} bit set: torch.load returns it negated or conjugated, its "
@@ -310,7 +301,7 @@ def _flags_problem(dtype: str, requires_grad, metadata) -> str | None:
 
 def _rebuild_parameter(u, data, requires_grad, backward_hooks):
     if not isinstance(data, TensorRecord):
-        raise FormatError(f"a Parameter is built from {_shown(data)}, not a tensor")
+        raise FormatError(f"a Parameter is built from {shown(data)}, not a tensor")
     if data.problem is None:  # a Parameter with a grad on integers: torch refuses it
         problem = _flags_problem(data.dtype, requires_grad, None)
         if problem:
@@ -325,9 +316,9 @@ def _rebuild_parameter_with_state(u, data, requires_grad, backward_hooks, state)
 
 def _rebuild_from_type_v2(u, func, new_type, args, state):
     if not (isinstance(func, Allowed) and func.fn in _TENSOR_REBUILDS):
-        raise FormatError(f"_rebuild_from_type_v2 calls {_shown(func)}, not a tensor rebuild function")
+        raise FormatError(f"_rebuild_from_type_v2 calls {shown(func)}, not a tensor rebuild function")
     if not isinstance(new_type, Tag) or new_type.kind != "type" or type(args) is not tuple:
-        raise FormatError(f"_rebuild_from_type_v2 asks for type {_shown(new_type)}")
+        raise FormatError(f"_rebuild_from_type_v2 asks for type {shown(new_type)}")
     return func(*args)
 
 
@@ -337,65 +328,8 @@ def _refuse_kind(what: str):
     return refuse
 
 
-# ---------------------------------------------------------------------------------------------
-# plain containers and values: each call is charged for what it copies
-
-
-def _sized(u, arg, per_item: int, what: str) -> None:
-    if hasattr(arg, "__len__"):
-        u.budget.charge(64 + per_item * len(arg), what)
-
-
-def _set(u, *args):
-    if args:
-        _sized(u, args[0], 64, "set()")
-    return set(*args)
-
-
-def _frozenset(u, *args):
-    if args:
-        _sized(u, args[0], 64, "frozenset()")
-    return frozenset(*args)
-
-
-def _size(u, dims=()):
-    if type(dims) not in (tuple, list) or any(type(d) is not int for d in dims):
-        raise FormatError(f"torch.Size is given {_shown(dims)}, not integers")
-    u.budget.charge(64 + 8 * len(dims), "torch.Size()")
-    return tuple(dims)
-
-
-def _bytearray(u, *args):
-    # pickle writes bytearray(bytes) or bytearray(str, "latin-1"); bytearray(n) would
-    # allocate n bytes from a number in the file
-    data = args[0] if args else b""
-    latin1 = len(args) == 2 and type(data) is str and args[1] in ("latin-1", "latin1")
-    if not (latin1 or (len(args) <= 1 and type(data) in (bytes, bytearray))):
-        raise UnsupportedError(f"bytearray({', '.join(_shown(a) for a in args)}) is not how pickle writes a "
-                               "bytearray (it would allocate from a number in the file)")
-    u.budget.charge(64 + len(data), "bytearray()")
-    return bytearray(*args)
-
-
-def _encode(u, obj, encoding="utf-8", errors="strict"):
-    # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"); other codecs expand
-    # (hex doubles, nested calls double again), so only latin1 is allowed
-    if type(obj) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise UnsupportedError(f"_codecs.encode({_shown(obj)}, {_shown(encoding)}) is not how pickle writes bytes")
-    u.budget.charge(64 + len(obj), "_codecs.encode()")
-    return obj.encode("latin-1")
-
-
-def _scalar(kind):
-    def build(u, *args):
-        if len(args) > 3:
-            raise FormatError(f"{kind.__name__}() is given {len(args)} arguments")
-        return kind(*args)
-    return build
-
-
 _TENSOR_REBUILDS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3}
-CALLABLES = {
+TENSOR_CALLABLES = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -407,11 +341,4 @@ CALLABLES = {
     ("torch._utils", "_rebuild_nested_tensor"): _refuse_kind("nested"),
     ("torch._utils", "_rebuild_meta_tensor_no_storage"): _refuse_kind("meta"),
     ("torch._utils", "_rebuild_wrapper_subclass"): _refuse_kind("wrapper-subclass"),
-    ("builtins", "set"): _set,
-    ("builtins", "frozenset"): _frozenset,
-    ("builtins", "complex"): _scalar(complex),
-    ("builtins", "slice"): _scalar(slice),
-    ("builtins", "bytearray"): _bytearray,
-    ("_codecs", "encode"): _encode,
-    ("torch", "Size"): _size,
 }

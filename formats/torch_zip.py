@@ -3,11 +3,10 @@
 The zip holds one folder, ``<prefix>/``, with exactly the records torch's writer makes:
 ``data.pkl`` (the object tree), ``data/<key>`` for each storage the pickle names (stored,
 uncompressed), ``version`` or ``.data/version``, and optionally ``byteorder``,
-``.format_version``, ``.storage_alignment`` and ``.data/serialization_id``. Anything else is
-refused: duplicate names (Python's zipfile reads the last copy, torch the first), members
-outside the folder, encrypted members, storage bytes that reach past their member into the
-next header. The pickle goes through the restricted unpickler; every storage becomes a byte
-range of one read-only memory map of the whole file.
+``.format_version``, ``.storage_alignment`` and ``.data/serialization_id``; the container is
+checked by :mod:`prebake.formats.torch_zip_layout`, the records as torch checks them. The
+pickle goes through the restricted unpickler; every storage becomes a byte range of one
+read-only memory map of the whole file.
 """
 
 from __future__ import annotations
@@ -18,30 +17,25 @@ import re
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
 
 from prebake.formats.errors import FormatError, PrebakeError, UnsupportedError
 from prebake.formats.tensor import DTYPE_SIZES, SkippedLeaf, SourceFile, StorageRef, TensorInfo, raw_view
 from prebake.formats.torch_pickle import Unpickled, unpickle
 from prebake.formats.torch_records import StorageRecord, TensorRecord
 from prebake.formats.torch_tree import flatten
+from prebake.formats.torch_zip_layout import ZipLayout, zip_layout
 
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
-_RECORDS = {"data.pkl", "byteorder", "version", ".data/version", ".data/serialization_id",
-            ".format_version", ".storage_alignment"}
 MAX_DATA_PKL = 1 << 30  # 8 million tensors' worth
 MAX_DEFLATED_DATA_PKL = 64 << 20  # deflate expands 1000-fold: a cap on what a small file can unpack
 _MAX_RECORD = 4096  # version, byteorder, ...: a few bytes each
 _VERSIONS = range(1, 11)  # the file format versions torch 2.13's reader accepts
-_ENCRYPTED = 0x1
-_UTF8_NAME = 0x800
 
 
 def read_torch_zip(path: str) -> SourceFile:
     """Describes every tensor of a torch zip checkpoint without reading tensor bytes."""
     with naming(path), _open(path) as zf, open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        layout = _layout(zf, mm)
+        layout = zip_layout(zf, mm)
         _check_records(zf, layout)
         pkl = layout.member("data.pkl")
         data = _read(zf, pkl, MAX_DATA_PKL if pkl.compress_type == zipfile.ZIP_STORED else MAX_DEFLATED_DATA_PKL)
@@ -70,59 +64,11 @@ def _open(path: str) -> zipfile.ZipFile:
         raise FormatError(f"not a readable torch zip checkpoint ({type(e).__name__}: {e})") from None
 
 
-@dataclass
-class _Layout:
-    """A checked zip: its folder, members by name, and where each member's bytes may lie."""
-
-    prefix: str
-    members: dict[str, zipfile.ZipInfo]
-    next_header: dict[str, int]  # member name -> offset of the next header (its bytes end before it)
-    mm: mmap.mmap
-
-    def member(self, record: str) -> zipfile.ZipInfo:
-        info = self.members.get(f"{self.prefix}/{record}")
-        if info is None:
-            raise FormatError(f"checkpoint is missing {self.prefix}/{record}")
-        return info
-
-
-def _layout(zf: zipfile.ZipFile, mm) -> _Layout:
-    infos = zf.infolist()
-    pkls = [i.filename for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-    if not pkls:
-        raise FormatError("zip file is not a torch checkpoint (no <name>/data.pkl)")
-    prefix = pkls[0].split("/")[0]
-    if not prefix:
-        raise FormatError("member /data.pkl has an empty folder name")
-    members: dict[str, zipfile.ZipInfo] = {}
-    for info in infos:
-        name = info.filename
-        if info.orig_filename != name:  # zipfile cuts a name at a NUL byte; torch does not
-            raise FormatError(f"member name {info.orig_filename[:80]!r} holds a NUL byte")
-        if name in members:
-            raise FormatError(f"member {name[:200]} appears twice (torch reads the first copy, Python's "
-                              "zipfile the last): refused")
-        folder, _, record = name.partition("/")
-        if folder != prefix or not (record in _RECORDS or (record.startswith("data/") and len(record) > 5)):
-            raise FormatError(f"member {name[:200]} is not part of a torch.save checkpoint "
-                              f"(folder {prefix[:80]}/)")
-        if info.flag_bits & _ENCRYPTED:
-            raise UnsupportedError(f"member {name[:200]} is encrypted")
-        members[name] = info
-    # each member's bytes must end before the next local header (or the central directory)
-    ordered = sorted(infos, key=lambda i: i.header_offset)
-    ends = [i.header_offset for i in ordered[1:]] + [min(zf.start_dir, len(mm))]
-    return _Layout(prefix, members, {i.filename: end for i, end in zip(ordered, ends, strict=True)}, mm)
-
-
 def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
     """A small member's bytes, decompressed no further than its declared size (at most ``cap``)."""
     name = info.filename
     if info.file_size > cap:
         raise FormatError(f"member {name} declares {info.file_size} bytes, more than the {cap} allowed")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise UnsupportedError(f"member {name} uses compression method {info.compress_type} "
-                               "(torch.save stores members uncompressed)")
     try:
         with zf.open(info) as f:
             data = f.read(info.file_size + 1)  # bounded: the decompressor stops at this length
@@ -134,7 +80,7 @@ def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
     return data
 
 
-def _check_records(zf: zipfile.ZipFile, layout: _Layout) -> None:
+def _check_records(zf: zipfile.ZipFile, layout: ZipLayout) -> None:
     """The small records torch.load checks: byte order, file format version, storage alignment."""
     prefix = layout.prefix
     byteorder = layout.members.get(f"{prefix}/byteorder")
@@ -156,9 +102,17 @@ def _check_records(zf: zipfile.ZipFile, layout: _Layout) -> None:
             int(_read(zf, alignment, _MAX_RECORD))
         except ValueError:
             raise FormatError(f"record {alignment.filename} is not a number (torch.load refuses it too)") from None
+    # torch reads these two as well: they must be readable, and the id is decoded as UTF-8
+    if (info := layout.members.get(f"{prefix}/.format_version")) is not None:
+        _read(zf, info, _MAX_RECORD)
+    if (info := layout.members.get(f"{prefix}/.data/serialization_id")) is not None:
+        try:
+            _read(zf, info, _MAX_RECORD).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"record {info.filename} is not UTF-8 (torch.load refuses it too)") from None
 
 
-def _storage_starts(layout: _Layout, storages: dict[str, StorageRecord]) -> dict[str, int]:
+def _storage_starts(layout: ZipLayout, storages: dict[str, StorageRecord]) -> dict[str, int]:
     """File offset of each storage's first byte; every ``data/`` member must be a storage the pickle names."""
     starts = {key: _storage_start(layout, rec) for key, rec in storages.items()}
     named = {f"{layout.prefix}/data/{key}" for key in storages}
@@ -168,7 +122,7 @@ def _storage_starts(layout: _Layout, storages: dict[str, StorageRecord]) -> dict
     return starts
 
 
-def _storage_start(layout: _Layout, rec: StorageRecord) -> int:
+def _storage_start(layout: ZipLayout, rec: StorageRecord) -> int:
     name = f"{layout.prefix}/data/{rec.key}"
     info = layout.members.get(name)
     if info is None:
@@ -180,25 +134,7 @@ def _storage_start(layout: _Layout, rec: StorageRecord) -> int:
     if info.file_size != rec.nbytes or info.compress_size != info.file_size:
         raise FormatError(f"storage {name} holds {info.file_size} bytes, not the {rec.nbytes} its "
                           "persistent id declares (torch.load refuses it too)")
-    return _data_start(layout, info)
-
-
-def _data_start(layout: _Layout, info: zipfile.ZipInfo) -> int:
-    """Where a stored member's bytes begin, by its local header (as torch computes it), checked
-    to end before the next header: a crafted name or extra length cannot point elsewhere."""
-    name, offset, room = info.filename, info.header_offset, layout.next_header[info.filename]
-    if offset + _LOCAL_HEADER.size > room:
-        raise FormatError(f"member {name}'s local header at byte {offset} runs past its room in the file")
-    sig, name_len, extra_len = _LOCAL_HEADER.unpack_from(layout.mm, offset)
-    name_at = offset + _LOCAL_HEADER.size
-    start = name_at + name_len + extra_len
-    raw_name = name.encode("utf-8" if info.flag_bits & _UTF8_NAME else "cp437")
-    if sig != b"PK\x03\x04" or layout.mm[name_at:name_at + name_len] != raw_name:
-        raise FormatError(f"bad zip local header for {name}")
-    if start + info.file_size > room:
-        raise FormatError(f"member {name}'s bytes ({start}-{start + info.file_size}) run into the next "
-                          f"zip header at byte {room}")
-    return start
+    return layout.data_start(info)
 
 
 def describe_tree(unpickled: Unpickled, buf, starts: dict[str, int], path: str
