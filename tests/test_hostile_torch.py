@@ -307,6 +307,36 @@ def test_rebuild_v3_with_a_non_dtype_is_refused(tmp_path):
     bakes_like_torch(good, tmp_path)
 
 
+def test_storage_location_must_look_like_a_device(tmp_path):
+    """The device a storage was saved from is not needed to read its bytes, but must be a name."""
+    cpu = b"X\x03\x00\x00\x00cpu"
+    cuda = with_pickle(tmp_path, dumps({"w": tensor()}).replace(cpu, b"X\x06\x00\x00\x00cuda:1"), "cuda.pt")
+    convert(cuda, tmp_path / "out")  # saved on a GPU: bakes on this machine all the same
+    check_bake(tmp_path / "out", {"w": torch.load(cuda, weights_only=True, map_location="cpu")["w"]})
+    odd = with_pickle(tmp_path, dumps({"w": tensor()}).replace(cpu, b")"), "odd.pt")  # an empty tuple
+    refused(odd, tmp_path / "x", "location", "not a device name")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_standard_opcodes_bake_as_a_full_torch_load_reads_them(tmp_path):
+    """torch.save(..., pickle_protocol=4) writes opcodes torch's weights_only unpickler lacks
+    (it refuses the file); their meaning is standard pickle's, as torch.load(weights_only=False)
+    reads it, and that is what bakes."""
+    src = tmp_path / "p4.pt"
+    sd = {"w": torch.arange(4.0), "nested": {"b": torch.ones(2, 2)}}
+    torch.save(sd, src, pickle_protocol=4)
+    assert torch_load(src) is None
+    convert(src, tmp_path / "out")
+    check_bake(tmp_path / "out", {"w": sd["w"], "nested.b": sd["nested"]["b"]})
+
+
+def test_names_of_odd_keys_are_the_same_on_every_run(tmp_path):
+    """A global or an opaque object used as a dict key names its entry without a memory address."""
+    src = with_pickle(tmp_path, {torch.float32: tensor(), torch.device("cpu"): tensor(offset=8, size=(8,))})
+    names = sorted(t.name for t in read_torch_zip(str(src)).tensors)
+    assert names == ["<torch.device>", "torch.float32"]
+
+
 # ---------------------------------------------------------------------------------------------
 # the zip container: one line instead of a traceback, and only torch.save's own layout
 
@@ -345,6 +375,73 @@ def test_encrypted_storage_is_refused(tmp_path):
     refused(src, tmp_path, "data/0", "encrypted", error=UnsupportedError)
 
 
+def test_member_marked_as_a_folder_is_refused(tmp_path):
+    """miniz extracts a member with the MS-DOS folder attribute as nothing: torch's tensor would
+    hold whatever memory it got, prebake's the file's bytes."""
+    src = rewrite(saved(tmp_path), tmp_path / "folder.pt")
+    cd, _ = headers(src)[member(src, "data/0")]
+    patch(src, cd + 38, "<I", 0x10)  # external attributes
+    loaded = torch_load(src)
+    assert loaded is None or not torch.equal(loaded["w"], torch.arange(16.0))
+    refused(src, tmp_path, "data/0", "marked as a folder")
+
+
+def end_records(path: Path) -> tuple[int, int]:
+    """Offsets of the zip64 end locator and of the zip64 end record before it."""
+    eocd = path.read_bytes().rindex(b"PK\x05\x06")
+    return eocd - 20, eocd - 20 - 56
+
+
+@pytest.mark.parametrize(("where", "fmt", "value", "words"), [
+    pytest.param("central+34", "<H", 2, ("data/0", "disk 2"), id="member-on-disk-2"),
+    pytest.param("central+8", "<H", 0x20, ("data/0", "flags 0x0020"), id="patched-data"),
+    pytest.param("central+8", "<H", 0x40, ("data/0", "flags 0x0040"), id="strong-encryption"),
+    pytest.param("central+20", "<I", 63, ("data/0", "63 stored, 64 unpacked"), id="stored-sizes-differ"),
+    pytest.param("end64+16", "<L", 1, ("several disks",), id="zip64-disk-number"),
+    pytest.param("end64+24", "<Q", 99, ("counts 99",), id="zip64-entry-count"),
+    pytest.param("last+30", "<H", 40, ("last entry", "runs past its end"), id="last-entry-extra-length"),
+    pytest.param("locator+8", "<Q", 1 << 40, ("locator points past",), id="zip64-locator-offset"),
+    pytest.param("locator+16", "<L", 2, ("multiple disks",), id="zip64-locator-disks"),
+])
+def test_archive_fields_torch_refuses_are_refused(tmp_path, where, fmt, value, words):
+    """What miniz (torch's zip reader) refuses and Python's zipfile lets through."""
+    src = saved(tmp_path)
+    cd, _ = headers(src)[member(src, "data/0")]
+    locator, end64 = end_records(src)
+    last = max(central for central, _ in headers(src).values())
+    base = {"central": cd, "end64": end64, "locator": locator, "last": last}[where.split("+")[0]]
+    patch(src, base + int(where.split("+")[1]), fmt, value)
+    assert torch_load(src) is None
+    refused(src, tmp_path, *words, error=PrebakeError)
+
+
+def test_zip64_record_out_of_place_is_refused(tmp_path):
+    """zipfile reads the zip64 end record just before its locator, miniz where the locator
+    points: a file where they differ could hold two central directories."""
+    src = saved(tmp_path)
+    patch(src, end_records(src)[0] + 8, "<Q", 0)  # miniz looks for the record at byte 0, finds none
+    refused(src, tmp_path, "not where its locator points")
+    broken = saved(tmp_path, name="broken.pt")
+    patch(broken, end_records(broken)[1], "<I", 0)  # no record anywhere: zipfile's fallback misplaces the directory
+    refused(broken, tmp_path, "not a readable torch zip")
+
+
+def test_bytes_before_the_archive_are_refused(tmp_path):
+    """zipfile shifts every offset past bytes prepended to a zip; torch's reader may not."""
+    plain = rewrite(saved(tmp_path), tmp_path / "plain.pt")  # no zip64 records
+    shifted = tmp_path / "shifted.pt"
+    shifted.write_bytes(b"PK\x03\x04" + bytes(60) + plain.read_bytes())
+    refused(shifted, tmp_path, "64 bytes before its first member")
+    shifted.write_bytes(b"PK\x03\x04" + bytes(60) + saved(tmp_path).read_bytes())  # the locator no longer fits
+    refused(shifted, tmp_path, "not where its locator points")
+
+
+def test_serialization_id_that_is_not_utf8_is_refused(tmp_path):
+    src = rewrite(saved(tmp_path), tmp_path / "id.pt", replace={".data/serialization_id": b"\xff" * 40})
+    assert torch_load(src) is None
+    refused(src, tmp_path, "serialization_id", "UTF-8")
+
+
 def test_corrupt_deflated_data_pkl(tmp_path):
     src = rewrite(saved(tmp_path), tmp_path / "deflated.pt", deflate=("data.pkl",))
     bakes_like_torch(src, tmp_path)  # torch inflates a deflated data.pkl: so does prebake
@@ -359,7 +456,11 @@ def test_local_header_past_the_end(tmp_path):
     src = rewrite(saved(tmp_path), tmp_path / "bad.pt")
     cd, _ = headers(src)[member(src, "data/0")]
     patch(src, cd + 42, "<I", src.stat().st_size - 10)  # struct.error before
-    refused(src, tmp_path, "data/0", "local header")
+    refused(src, tmp_path, "data/0", f"at byte {src.stat().st_size - 10}", "do not fit the file")
+    inside = rewrite(saved(tmp_path), tmp_path / "inside.pt")  # a header offset into the directory
+    cd, _ = headers(inside)[member(inside, "data/0")]
+    patch(inside, cd + 42, "<I", min(offset for offset, _ in headers(inside).values()))
+    refused(inside, tmp_path, "data/0", "local header")
 
 
 def test_storage_bytes_may_not_run_into_the_next_header(tmp_path):
