@@ -114,24 +114,24 @@ def _check_records(zf: zipfile.ZipFile, layout: ZipLayout) -> None:
 
 def _storage_starts(layout: ZipLayout, storages: dict[str, StorageRecord]) -> dict[str, int]:
     """File offset of each storage's first byte; every ``data/`` member must be a storage the pickle names."""
-    starts = {key: _storage_start(layout, rec) for key, rec in storages.items()}
-    named = {f"{layout.prefix}/data/{key}" for key in storages}
-    for name in layout.members:
-        if name not in named and name.startswith(f"{layout.prefix}/data/"):
-            raise FormatError(f"member {name} is a storage that the pickle does not name")
+    folder = f"{layout.prefix}/data/"
+    starts = {key: _storage_start(layout, folder + key, rec) for key, rec in storages.items()}
+    stored = [name for name in layout.members if name.startswith(folder)]
+    if len(stored) != len(starts):  # each named storage was found, so one member is not named
+        unnamed = next(name for name in stored if name[len(folder):] not in starts)
+        raise FormatError(f"member {unnamed[:200]} is a storage that the pickle does not name")
     return starts
 
 
-def _storage_start(layout: ZipLayout, rec: StorageRecord) -> int:
-    name = f"{layout.prefix}/data/{rec.key}"
+def _storage_start(layout: ZipLayout, name: str, rec: StorageRecord) -> int:
     info = layout.members.get(name)
     if info is None:
         raise FormatError(f"checkpoint is missing storage {name}")
     if info.compress_type != zipfile.ZIP_STORED:
         raise UnsupportedError(f"storage {name} is compressed; re-save it with torch.save")
-    if info.file_size < rec.nbytes:
-        raise FormatError(f"storage {name} is truncated ({info.file_size} of {rec.nbytes} bytes)")
-    if info.file_size != rec.nbytes or info.compress_size != info.file_size:
+    if info.file_size != rec.nbytes:
+        if info.file_size < rec.nbytes:
+            raise FormatError(f"storage {name} is truncated ({info.file_size} of {rec.nbytes} bytes)")
         raise FormatError(f"storage {name} holds {info.file_size} bytes, not the {rec.nbytes} its "
                           "persistent id declares (torch.load refuses it too)")
     return layout.data_start(info)

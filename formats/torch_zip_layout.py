@@ -13,6 +13,7 @@ bakes is what ``torch.load`` would load.
 from __future__ import annotations
 
 import mmap
+import operator
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ _CENTRAL_HEADER_SIZE = 46
 _UNREADABLE_FLAGS = 0x2061  # encrypted, compressed patch, strong encryption, masked local headers
 _DIRECTORY_ATTRIBUTE = 0x10  # MS-DOS: miniz extracts such a member as empty
 _UTF8_NAME = 0x800
+_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what miniz reads
+_HEADER_OFFSET = operator.attrgetter("header_offset")
 
 
 @dataclass
@@ -75,16 +78,27 @@ def zip_layout(zf: zipfile.ZipFile, mm: mmap.mmap) -> ZipLayout:
     if not prefix:
         raise FormatError("member /data.pkl has an empty folder name")
     members: dict[str, zipfile.ZipInfo] = {}
+    folder, storages, size = prefix + "/", prefix + "/data/", len(mm)
     for info in infos:
-        _check_member(info, prefix, members, len(mm))
-        members[info.filename] = info
+        name = info.filename
+        # the fast path, inline (it runs once per member): a member as torch.save writes it
+        if not (name not in members and info.orig_filename == name and name.startswith(folder)
+                and (name[len(folder):] in RECORDS or (name.startswith(storages) and len(name) > len(storages)))
+                and not info.flag_bits & _UNREADABLE_FLAGS and not info.external_attr & _DIRECTORY_ATTRIBUTE
+                and info.volume == 0 and info.compress_type in _METHODS and name[-1] != "/"
+                and (info.compress_size == info.file_size or info.compress_type != zipfile.ZIP_STORED)
+                and (info.compress_size or not info.file_size)
+                and info.header_offset + _LOCAL_HEADER.size + info.compress_size <= size):
+            _refuse_member(info, prefix, members, size)
+        members[name] = info
     # each member's bytes must end before the next local header (or the central directory)
-    ordered = sorted(infos, key=lambda i: i.header_offset)
-    ends = [i.header_offset for i in ordered[1:]] + [min(zf.start_dir, len(mm))]
+    ordered = sorted(infos, key=_HEADER_OFFSET)
+    ends = [i.header_offset for i in ordered[1:]] + [min(zf.start_dir, size)]
     return ZipLayout(prefix, members, {i.filename: end for i, end in zip(ordered, ends, strict=True)}, mm)
 
 
-def _check_member(info: zipfile.ZipInfo, prefix: str, seen: dict, size: int) -> None:
+def _refuse_member(info: zipfile.ZipInfo, prefix: str, seen: dict, size: int) -> None:
+    """Raises the error for the first of zip_layout's member checks that ``info`` fails."""
     name = info.filename
     shown = name[:200]
     if info.orig_filename != name:  # zipfile cuts a name at a NUL byte; miniz does not
@@ -92,23 +106,20 @@ def _check_member(info: zipfile.ZipInfo, prefix: str, seen: dict, size: int) -> 
     if name in seen:
         raise FormatError(f"member {shown} appears twice (torch reads the first copy, Python's "
                           "zipfile the last): refused")
-    folder, _, record = name.partition("/")
-    if folder != prefix or not (record in RECORDS or (record.startswith("data/") and len(record) > 5)):
-        raise FormatError(f"member {shown} is not part of a torch.save checkpoint (folder {prefix[:80]}/)")
     if info.flag_bits & _UNREADABLE_FLAGS:
         raise UnsupportedError(f"member {shown} is encrypted or patched (flags 0x{info.flag_bits:04x})")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+    if info.compress_type not in _METHODS:
         raise UnsupportedError(f"member {shown} uses compression method {info.compress_type} "
                                "(torch.save stores members uncompressed)")
     if name.endswith("/") or info.external_attr & _DIRECTORY_ATTRIBUTE:
         raise FormatError(f"member {shown} is marked as a folder: torch would read it as empty")
     if info.volume != 0:
         raise FormatError(f"member {shown} is on disk {info.volume} of a multi-disk archive")
-    stored_mismatch = info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size
-    if stored_mismatch or (info.file_size and not info.compress_size) or \
-            info.header_offset + _LOCAL_HEADER.size + info.compress_size > size:
-        raise FormatError(f"member {shown}'s sizes ({info.compress_size} stored, {info.file_size} "
-                          f"unpacked, at byte {info.header_offset}) do not fit the file")
+    folder, _, record = name.partition("/")
+    if folder != prefix or not (record in RECORDS or (record.startswith("data/") and len(record) > 5)):
+        raise FormatError(f"member {shown} is not part of a torch.save checkpoint (folder {prefix[:80]}/)")
+    raise FormatError(f"member {shown}'s sizes ({info.compress_size} stored, {info.file_size} "
+                      f"unpacked, at byte {info.header_offset}) do not fit the file")
 
 
 def _check_directory(zf: zipfile.ZipFile, mm: mmap.mmap, infos: list[zipfile.ZipInfo]) -> None:
