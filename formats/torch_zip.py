@@ -81,35 +81,35 @@ def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
 
 
 def _check_records(zf: zipfile.ZipFile, layout: ZipLayout) -> None:
-    """The small records torch.load checks: byte order, file format version, storage alignment."""
-    prefix = layout.prefix
-    byteorder = layout.members.get(f"{prefix}/byteorder")
-    if byteorder is not None:
-        order = _read(zf, byteorder, _MAX_RECORD)
+    """The small records torch.load reads, checked as it checks them."""
+    members, prefix = layout.members, layout.prefix
+    if (info := members.get(f"{prefix}/byteorder")) is not None:
+        order = _read(zf, info, _MAX_RECORD)
         if order == b"big":
             raise UnsupportedError("byte order b'big' is not supported (little-endian only)")
         if order != b"little":
-            raise FormatError(f"record {prefix}/byteorder is {order[:20]!r}, neither little nor big")
-    version = layout.members.get(f"{prefix}/.data/version") or layout.member("version")
-    text = _read(zf, version, _MAX_RECORD)
-    found = re.match(rb"\s*(\d{1,9})", text)  # torch parses it with std::stoull
-    if found is None or int(found[1]) not in _VERSIONS:
-        raise UnsupportedError(f"record {version.filename} says file format version {text[:20]!r}; torch "
-                               f"reads versions {_VERSIONS.start} to {_VERSIONS.stop - 1}")
-    alignment = layout.members.get(f"{prefix}/.storage_alignment")
-    if alignment is not None:
+            raise FormatError(f"record {info.filename} is {order[:20]!r}, neither little nor big")
+    _check_version(zf, members.get(f"{prefix}/.data/version") or layout.member("version"))
+    if (info := members.get(f"{prefix}/.storage_alignment")) is not None:
         try:
-            int(_read(zf, alignment, _MAX_RECORD))
+            int(_read(zf, info, _MAX_RECORD))
         except ValueError:
-            raise FormatError(f"record {alignment.filename} is not a number (torch.load refuses it too)") from None
-    # torch reads these two as well: they must be readable, and the id is decoded as UTF-8
-    if (info := layout.members.get(f"{prefix}/.format_version")) is not None:
-        _read(zf, info, _MAX_RECORD)
-    if (info := layout.members.get(f"{prefix}/.data/serialization_id")) is not None:
+            raise FormatError(f"record {info.filename} is not a number (torch.load refuses it too)") from None
+    if (info := members.get(f"{prefix}/.format_version")) is not None:
+        _read(zf, info, _MAX_RECORD)  # any content, but it must read
+    if (info := members.get(f"{prefix}/.data/serialization_id")) is not None:
         try:
-            _read(zf, info, _MAX_RECORD).decode("utf-8")
+            _read(zf, info, _MAX_RECORD).decode("utf-8")  # torch decodes it to log it
         except UnicodeDecodeError:
             raise FormatError(f"record {info.filename} is not UTF-8 (torch.load refuses it too)") from None
+
+
+def _check_version(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    text = _read(zf, info, _MAX_RECORD)
+    found = re.match(rb"\s*(\d{1,9})", text)  # torch parses it with std::stoull
+    if found is None or int(found[1]) not in _VERSIONS:
+        raise UnsupportedError(f"record {info.filename} says file format version {text[:20]!r}; torch "
+                               f"reads versions {_VERSIONS.start} to {_VERSIONS.stop - 1}")
 
 
 def _storage_starts(layout: ZipLayout, storages: dict[str, StorageRecord]) -> dict[str, int]:
