@@ -55,16 +55,21 @@ def flatten(obj, budget: int) -> tuple[list[tuple[str, TensorRecord]], list[tupl
         path.append(id(node))
         # charged before the names are built: a shared container makes all its names at once
         budget -= len(node) * (_ENTRY_COST + len(name) + 1)
+        _check_budget(budget, name)
         named = []
         for key, value in children:
             text = key if type(key) is str else _key_text(key, name)
             budget -= len(text)
             named.append((f"{name}.{text}" if name else text, value, depth + 1))
-        if budget < 0:
-            raise FormatError(f"the checkpoint's tree names far more entries than its pickle holds (at "
-                              f"{name[:80]!r}: one container referenced from many places); refused")
+        _check_budget(budget, name)
         stack.extend(reversed(named))
     return tensors, leaves
+
+
+def _check_budget(budget: int, name: str) -> None:
+    if budget < 0:
+        raise FormatError(f"the checkpoint's tree names far more entries than its pickle holds (at "
+                          f"{name[:80]!r}: one container referenced from many places); refused")
 
 
 class _Holders:
