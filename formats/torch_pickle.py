@@ -5,55 +5,151 @@ rebuild functions and storage types become plain records of (storage, offset, sh
 containers stay containers; a few inert value types (numpy scalars, ``argparse.Namespace``)
 become :class:`Opaque` records that are reported and skipped. Any other global, ``os.system``
 included, is refused before it is looked up, so nothing from the file ever runs.
+
+The pickle is first checked by :func:`~prebake.formats.pickle_scan.scan` (memo indices,
+lengths, an estimate of what it builds), and every allowed callable charges what it allocates
+to the same budget, so no pickle makes the unpickler allocate much more than its own size.
+Everything a pickle can reach (records, callables, storage types, dtypes) refuses ``BUILD``:
+the C unpickler would otherwise set attributes on them (``OrderedDict`` state is checked and
+set aside, as torch sets it aside from the mapping).
+
+Opcodes keep the C unpickler's standard meaning, which is what ``torch.load(weights_only=False)``
+gives them. torch's ``weights_only`` unpickler implements only the protocol-2 subset that
+``torch.save`` writes by default, so a checkpoint saved with ``pickle_protocol=4`` (or using
+any other standard opcode) bakes here although ``weights_only=True`` refuses it: the opcodes
+themselves cannot run code, only globals can, and those are allow-listed the same way.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
-import codecs
 import collections
+import functools
+import io
 import pickle
+import threading
 from dataclasses import dataclass
 
-from prebake.formats.errors import UnsafePickleError, UnsupportedError
+from prebake.formats.errors import FormatError, UnsafePickleError, UnsupportedError
+from prebake.formats.pickle_scan import LIMITS, Limits, Scan, scan
+from prebake.formats.torch_records import (
+    STORAGE_DTYPES,
+    TENSOR_CALLABLES,
+    TORCH_DTYPES,
+    Allowed,
+    StorageRecord,
+    Tag,
+    TensorRecord,
+    shown,
+    storage_from_pid,
+)
 
-# torch storage class name -> safetensors dtype code
-STORAGE_DTYPES: dict[str, str] = {
-    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL", "ComplexFloatStorage": "C64",
-    "UInt16Storage": "U16", "UInt32Storage": "U32", "UInt64Storage": "U64",
-    "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2", "Float8_e8m0fnuStorage": "F8_E8M0",
-    "UntypedStorage": "U8",
+
+class Budget:
+    """Bytes of objects a pickle may still make the unpickler allocate."""
+
+    def __init__(self, found: Scan, total: int):
+        self.left = total - found.cost
+        self.total = total
+        self.check("its opcodes")
+
+    def charge(self, nbytes: int, what: str) -> None:
+        self.left -= nbytes
+        self.check(what)
+
+    def check(self, what: str) -> None:
+        if self.left < 0:
+            raise FormatError(f"the pickle would build more than {self.total >> 20} MiB of objects "
+                              f"({what}), far more than its size calls for: refused")
+
+
+class StateDict(collections.OrderedDict):
+    """What ``collections.OrderedDict`` is in a pickle: built empty, filled by SETITEMS.
+
+    Its pickled attribute state (``_metadata``) is checked and dropped: torch's loader does
+    ``inst.__dict__.update(state)``, attributes, never entries, and keeping them off the object
+    means a state named ``items`` or ``keys`` cannot shadow the mapping's methods.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:  # copying one list from the memo again and again would multiply memory
+            raise UnsupportedError("the pickle calls OrderedDict() with arguments, which pickle itself "
+                                   "never writes (it fills an empty one)")
+
+    def __setstate__(self, state):
+        try:
+            {}.update(state)  # what torch accepts as attribute state; it refuses anything else
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"an OrderedDict's pickled state is not a mapping ({e}); "
+                              "torch.load refuses it too") from None
+
+
+# The allowed builtins: each checks its arguments and charges what it copies.
+
+
+def _sized(u, arg, per_item: int, what: str) -> None:
+    if hasattr(arg, "__len__"):
+        u.budget.charge(64 + per_item * len(arg), what)
+
+
+def _set(u, *args):
+    if args:
+        _sized(u, args[0], 64, "set()")
+    return set(*args)
+
+
+def _frozenset(u, *args):
+    if args:
+        _sized(u, args[0], 64, "frozenset()")
+    return frozenset(*args)
+
+
+def _size(u, dims=()):
+    if type(dims) not in (tuple, list) or any(type(d) is not int for d in dims):
+        raise FormatError(f"torch.Size is given {shown(dims)}, not integers")
+    u.budget.charge(64 + 8 * len(dims), "torch.Size()")
+    return tuple(dims)
+
+
+def _bytearray(u, *args):
+    # pickle writes bytearray(bytes) or bytearray(str, "latin-1"); bytearray(n) would
+    # allocate n bytes from a number in the file
+    data = args[0] if args else b""
+    latin1 = len(args) == 2 and type(data) is str and args[1] in ("latin-1", "latin1")
+    if not (latin1 or (len(args) <= 1 and type(data) in (bytes, bytearray))):
+        raise UnsupportedError(f"bytearray({', '.join(shown(a) for a in args)}) is not how pickle writes a "
+                               "bytearray (it would allocate from a number in the file)")
+    u.budget.charge(64 + len(data), "bytearray()")
+    return bytearray(*args)
+
+
+def _encode(u, obj, encoding="utf-8", errors="strict"):
+    # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"); other codecs expand
+    # (hex doubles, nested calls double again), so only latin1 is allowed
+    if type(obj) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnsupportedError(f"_codecs.encode({shown(obj)}, {shown(encoding)}) is not how pickle writes bytes")
+    u.budget.charge(64 + len(obj), "_codecs.encode()")
+    return obj.encode("latin-1")
+
+
+def _scalar(kind):
+    def build(u, *args):
+        if len(args) > 3:
+            raise FormatError(f"{kind.__name__}() is given {len(args)} arguments")
+        return kind(*args)
+    return build
+
+
+_VALUE_CALLABLES = {
+    ("builtins", "set"): _set,
+    ("builtins", "frozenset"): _frozenset,
+    ("builtins", "complex"): _scalar(complex),
+    ("builtins", "slice"): _scalar(slice),
+    ("builtins", "bytearray"): _bytearray,
+    ("_codecs", "encode"): _encode,
+    ("torch", "Size"): _size,
 }
-# torch dtype attribute name -> safetensors dtype code (pickled as GLOBAL torch <name>)
-TORCH_DTYPES: dict[str, str] = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "uint16": "U16", "uint32": "U32", "uint64": "U64", "complex64": "C64",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
-}
-
-
-@dataclass
-class StorageRecord:
-    """A storage named by a pickle's persistent id; its bytes live elsewhere in the file."""
-
-    key: str
-    dtype: str
-    numel: int
-    view_offset: int = 0  # legacy storage views: element offset into the root storage
-
-
-@dataclass
-class TensorRecord:
-    """What ``torch._utils._rebuild_tensor_v2`` would have built, as plain data."""
-
-    storage: StorageRecord
-    offset: int  # in elements of `dtype`
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    dtype: str
+_CALLABLES = {**TENSOR_CALLABLES, **_VALUE_CALLABLES}
 
 
 class Opaque:
@@ -70,100 +166,58 @@ class Opaque:
     def __setstate__(self, state):
         self.state = state
 
+    def __repr__(self) -> str:  # in names (an object used as a dict key): no memory address
+        return f"<{self.qualname}>"
 
+
+@functools.cache
 def _opaque(qualname: str) -> type:
+    # a class shared by every pickle: safe, since BUILD on a class that defines __setstate__
+    # calls it unbound and fails instead of setting attributes
     return type("Opaque", (Opaque,), {"qualname": qualname})
 
 
-class _Marker:
-    """A class that only tags ``_rebuild_from_type_v2`` (Tensor, Parameter)."""
-
-
-def _rebuild_tensor_v2(storage, offset, size, stride, *_ignored) -> TensorRecord:
-    return _record(storage, offset, size, stride, storage.dtype)
-
-
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *_ignored):
-    return _record(storage, offset, size, stride, dtype)
-
-
-def _record(storage, offset, size, stride, dtype) -> TensorRecord:
-    if not isinstance(storage, StorageRecord):
-        raise UnsupportedError("a tensor is built on something other than a storage")
-    if len(size) != len(stride):
-        raise UnsupportedError(f"a tensor has {len(size)} dimensions but {len(stride)} strides")
-    return TensorRecord(storage, int(offset) + storage.view_offset, tuple(size), tuple(stride), dtype)
-
-
-def _rebuild_parameter(data, *_ignored):
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    return func(*args)
-
-
-def _refuse_kind(what: str):
-    def refuse(*_args):
-        raise UnsupportedError(f"{what} tensors are not supported; convert them to dense tensors first")
-    return refuse
-
-
-_TORCH_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): _Marker,
-    ("torch.nn.parameter", "Parameter"): _Marker,
-    ("torch._utils", "_rebuild_sparse_tensor"): _refuse_kind("sparse"),
-    ("torch._utils", "_rebuild_qtensor"): _refuse_kind("quantized (torch.quantization)"),
-    ("torch._utils", "_rebuild_nested_tensor"): _refuse_kind("nested"),
-    ("torch._utils", "_rebuild_meta_tensor_no_storage"): _refuse_kind("meta"),
-    ("torch._utils", "_rebuild_wrapper_subclass"): _refuse_kind("wrapper-subclass"),
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice,
-    ("builtins", "bytearray"): bytearray,
-    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles spell bytes
-    ("torch", "Size"): tuple,
-}
 # Inert value types that training checkpoints carry: kept as Opaque records, reported, skipped.
 _OPAQUE = {
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
     "argparse.Namespace", "torch.device", "torch.torch_version.TorchVersion",
 }
+_TYPES = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter")}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles a torch checkpoint's object tree; storages come back as :class:`StorageRecord`.
 
-    ``legacy`` selects the pre-zip persistent-id layout, which may carry storage views.
+    ``legacy`` selects the pre-zip persistent-id layout, which may carry storage views. Use
+    :func:`unpickle`, which scans the pickle first.
     """
 
-    def __init__(self, file, *, legacy: bool = False):
+    def __init__(self, file, budget: Budget, *, legacy: bool = False):
         super().__init__(file)
         self.legacy = legacy
-        self.storages: dict[str, StorageRecord] = {}
+        self.budget = budget
+        self.storages: dict[str, StorageRecord] = {}  # root storages by key, in first-use order
+        self.views: dict[object, StorageRecord] = {}
+        self.problems: list[TensorRecord] = []  # tensors torch would refuse, named or not
 
     def find_class(self, module: str, name: str):
         # torch.save writes protocol 2, which spells Python 3 names the Python 2 way
         # (__builtin__.set, commands.call): translate them as pickle itself would.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        fn = _TORCH_GLOBALS.get((module, name))
+        qualname = f"{module}.{name}"[:200]  # for messages: a GLOBAL's lines can be any length
+        fn = _CALLABLES.get((module, name))
         if fn is not None:
-            return fn
+            return Allowed(fn, qualname, self)
         if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
-            return _storage_type(STORAGE_DTYPES[name])
+            return Tag(qualname, "storage", STORAGE_DTYPES[name])
         if module == "torch" and name in TORCH_DTYPES:
-            return TORCH_DTYPES[name]
-        qualname = f"{module}.{name}"
+            return Tag(qualname, "dtype", TORCH_DTYPES[name])
+        if (module, name) in _TYPES:
+            return Tag(qualname, "type")
+        if (module, name) == ("collections", "OrderedDict"):
+            return StateDict  # a class, called at C speed (once per tensor: its hooks)
         if qualname in _OPAQUE:
             return _opaque(qualname)
         if module.startswith("torch.nn.modules") or module.startswith("transformers."):
@@ -174,63 +228,102 @@ class RestrictedUnpickler(pickle.Unpickler):
             f"refusing to load: the pickle calls {qualname}, which is not a tensor, storage or "
             "container (nothing from the file was run)")
 
-    def persistent_load(self, pid):
-        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-            kind = pid[0] if isinstance(pid, tuple) and pid else type(pid).__name__
-            raise UnsupportedError(f"unknown persistent id kind {kind!r} in the pickle")
-        if self.legacy:
-            _, storage_type, key, _location, numel, view = (*pid, None)[:6]
-        else:
-            _, storage_type, key, _location, numel = pid[:5]
-            view = None
-        if not isinstance(storage_type, _StorageType):
-            raise UnsupportedError(f"storage {key!r} has an unknown type")
-        key = str(key)
-        root = self.storages.get(key)
-        if root is None:
-            root = self.storages[key] = StorageRecord(key, storage_type.dtype, int(numel))
-        if view is not None:
-            view_key, offset, _size = view
-            return StorageRecord(key, root.dtype, root.numel, int(offset))
-        return root
+    persistent_load = storage_from_pid
 
 
-class _StorageType:
-    def __init__(self, dtype: str):
-        self.dtype = dtype
+@dataclass
+class Unpickled:
+    """A checkpoint's object tree and what the unpickler learnt building it."""
+
+    obj: object
+    storages: dict[str, StorageRecord]
+    problems: list[TensorRecord]  # tensors torch would refuse, named or not
+    end: int  # offset just past the pickle's STOP
+    budget: int  # bytes the walk over the tree may take
 
 
-def _storage_type(dtype: str) -> _StorageType:
-    return _StorageType(dtype)
+def unpickle(buf, start: int = 0, *, legacy: bool = False, file_bytes: int | None = None,
+             limits: Limits = LIMITS) -> Unpickled:
+    """Scans, then unpickles the pickle at ``buf[start:]`` (bytes or mmap).
 
-
-def flatten(obj, prefix: str = "") -> tuple[list[tuple[str, TensorRecord]], list[tuple[str, str]]]:
-    """Walks a checkpoint's tree; returns (dotted name, tensor) pairs and (name, kind) of other leaves.
-
-    ``{"model": {"w": t}, "epoch": 3}`` gives ``[("model.w", t)]`` and ``[("epoch", "int")]``.
+    The memory it may build is ``limits.budget(file_bytes)``: the bytes the pickle takes in
+    the file (less than its length when it was deflated). Raises :class:`FormatError` (without
+    a path: the reader adds it) for anything refused, corrupt or over budget.
     """
-    tensors: list[tuple[str, TensorRecord]] = []
-    leaves: list[tuple[str, str]] = []
-    stack = [(prefix, obj)]
-    while stack:
-        name, node = stack.pop()
-        if isinstance(node, TensorRecord):
-            tensors.append((name, node))
-        elif isinstance(node, dict):
-            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in reversed(node.items()))
-        elif isinstance(node, (list, tuple)) and any(_holds_tensor(v) for v in node):
-            stack.extend((f"{name}.{i}" if name else str(i), v) for i, v in reversed(list(enumerate(node))))
-        else:
-            kind = node.qualname if isinstance(node, Opaque) else type(node).__name__
-            leaves.append((name, kind))
-    return tensors, leaves
+    found = scan(buf, start)
+    total = limits.budget(found.end - start if file_bytes is None else file_bytes)
+    budget = Budget(found, total)
+    data = buf if start == 0 and found.end == len(buf) and isinstance(buf, bytes) else buf[start:found.end]
+    # BufferedReader has peek(): the C unpickler then reads 1 MiB at a time, not one read() per opcode
+    unpickler = RestrictedUnpickler(io.BufferedReader(io.BytesIO(data), 1 << 20), budget, legacy=legacy)
+    try:
+        obj = load_with_stack(unpickler, data)
+    except FormatError:
+        raise
+    except RecursionError:
+        raise FormatError("the pickle nests objects too deeply to rebuild (RecursionError)") from None
+    except Exception as e:  # a corrupt pickle raises anything from EOFError to UnpicklingError
+        raise FormatError(f"corrupt pickle ({type(e).__name__}: {e})") from None
+    return Unpickled(obj, unpickler.storages, unpickler.problems, found.end, total)
 
 
-def _holds_tensor(node) -> bool:
-    if isinstance(node, TensorRecord):
-        return True
-    if isinstance(node, dict):
-        return any(_holds_tensor(v) for v in node.values())
-    if isinstance(node, (list, tuple)):
-        return any(_holds_tensor(v) for v in node)
-    return False
+def header_pickle(buf, start: int) -> tuple[object, int]:
+    """Unpickles one of the legacy format's header pickles (numbers, strings, dicts; no globals)."""
+    found = scan(buf, start)
+    Budget(found, LIMITS.budget(found.end - start))
+    data = buf[start:found.end]
+    unpickler = _PlainUnpickler(io.BufferedReader(io.BytesIO(data)))
+    try:
+        return load_with_stack(unpickler, data), found.end
+    except FormatError:
+        raise
+    except Exception as e:
+        raise FormatError(f"corrupt header pickle ({type(e).__name__}: {e})") from None
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise FormatError(f"unexpected global {module}.{name} in a legacy checkpoint header")
+
+    def persistent_load(self, pid):
+        raise FormatError("unexpected persistent id in a legacy checkpoint header")
+
+
+
+# Hashing a tuple recurses in C without a depth check (CPython 3.11): a dict key of a million
+# nested tuples, one byte of pickle each (TUPLE1), overflows the C stack and kills the process.
+# A tuple's depth is at most the number of opcodes that can build one, which counting their
+# bytes bounds from above (arguments included); past what the main thread's stack surely holds,
+# the unpickler runs in a thread whose stack is sized for that bound (reserved, touched only
+# as deep as a hash really goes).
+_NESTING_OPS = (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.FROZENSET, pickle.REDUCE)
+_STACK_PER_LEVEL = 128  # bytes of C stack one level of tuple hashing takes (measured: 64)
+_INLINE_LEVELS = 20_000  # 2.5 MiB: safe on the main thread
+_MAX_LEVELS = 8_000_000  # a 1 GiB stack
+
+
+def load_with_stack(unpickler: pickle.Unpickler, data: bytes):
+    """``unpickler.load()`` with a C stack deep enough for any tuple ``data`` can nest."""
+    levels = sum(data.count(op) for op in _NESTING_OPS)
+    if levels <= _INLINE_LEVELS:
+        return unpickler.load()
+    if levels > _MAX_LEVELS:
+        raise FormatError(f"the pickle could nest {levels} tuples, too deep to rebuild safely")
+    result: dict[str, object] = {}
+
+    def load():
+        try:
+            result["obj"] = unpickler.load()
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    previous = threading.stack_size(levels * _STACK_PER_LEVEL + (16 << 20))
+    try:
+        worker = threading.Thread(target=load, name="prebake-unpickle", daemon=True)
+        worker.start()
+    finally:
+        threading.stack_size(previous)
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["obj"]
