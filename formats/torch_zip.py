@@ -170,7 +170,8 @@ def describe(name: str, rec: TensorRecord, buf, storage_start: int, path: str) -
         def read(start=start):
             return raw_view(buf, start, shape, itemsize, strides)
     ref = StorageRef(rec.storage.key, first, first + span * itemsize, contiguous, strides)
-    return TensorInfo(name, rec.dtype, shape, count * itemsize, path, read, ref)
+    return TensorInfo(name, rec.dtype, shape, count * itemsize, path, read, ref,
+                      offset=start if contiguous else None)
 
 
 def _extent(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int, bool]:

@@ -159,10 +159,10 @@ def test_disk_full_at_fsync_is_one_line(tmp_path, monkeypatch, capsys):
 def test_a_bug_in_a_transform_is_a_traceback_not_bad_input(tmp_path, monkeypatch):
     import prebake.convert.work as work
 
-    def broken(p, lo, hi):
+    def broken(data):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(work, "produce", broken)
+    monkeypatch.setattr(work, "piece_digest", broken)
     src = save_torch(tmp_path / "model.bin", small_state_dict())
     with pytest.raises(ValueError, match="a bug"):
         main(["convert", str(src), str(tmp_path / "out")])
