@@ -322,8 +322,9 @@ def test_packed_linear_stays_near_the_packed_size(llama8, recipe):
     packed = sum(t.nbytes for t in m.tensors.values() if t.qtype)
     floats = sum(t.nbytes for t in m.tensors.values() if not t.qtype)  # embeddings (tied head) and norms
     # The activations' measure is an RssAnon difference, which glibc's reuse of freed memory
-    # makes noisy (0.07 to 3.5 MiB measured): at least 2 MiB is allowed for them.
-    assert grown <= 1.25 * (packed + floats) + max(activations, 2 << 20), (grown, packed, floats, activations)
+    # makes noisy (-0.1 to 3.5 MiB measured): the 3.5 MiB once measured is the floor. (q4_k grows
+    # 21-22 MiB here; the code before the shared work buffer grew 25.5.)
+    assert grown <= 1.3 * (packed + floats) + max(activations, 3.5 * 2**20), (grown, packed, floats, activations)
     assert grown < 0.5 * sum(t.nbytes for t in read_manifest(tmp / "float").tensors.values())
 
 
