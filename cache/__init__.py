@@ -12,7 +12,7 @@ _EXPORTS = {
     "load_module": "prebake.cache.module",
     "Manifest": "prebake.formats.manifest",
     "read_manifest": "prebake.formats.manifest",
-    "verify": "prebake.cache.integrity",
+    "verify": "prebake.formats.integrity",
 }
 __all__ = sorted(_EXPORTS)
 

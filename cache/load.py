@@ -218,11 +218,12 @@ def _cut(name: str, e: TensorEntry, form: str, tp) -> tuple:
     else:
         qtype, shard, offset, nbytes, digest = e.packed
     tiling = e.tp if qtype == e.qtype else None
+    tiled = bool(tiling and tiling.startswith("row:"))
     stored = stored_shape(e.shape, qtype, tiling)
     if tp is None:
-        piece = whole(tuple(e.shape), nbytes, stored)
+        piece = whole(tuple(e.shape), nbytes, stored, tiled)
     else:
-        piece = rank_slice(name, tuple(e.shape), nbytes, stored, kind_of(name, e, tp[2]), tp[0], tp[1], qtype)
+        piece = rank_slice(name, tuple(e.shape), nbytes, stored, kind_of(name, e, tp[2]), tp[0], tp[1], qtype, tiled)
     return qtype, shard, offset, piece, digest if piece.nbytes == nbytes else None
 
 

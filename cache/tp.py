@@ -45,20 +45,18 @@ def kind_of(name: str, e: TensorEntry, model_type: str | None) -> str | None:
     return e.tp.partition(":")[0] if e.tp else split_kind(name, model_type)
 
 
-def whole(shape: tuple, nbytes: int, stored: tuple) -> Slice:
+def whole(shape: tuple, nbytes: int, stored: tuple, tiled: bool) -> Slice:
     """The whole tensor (untiled back into its logical order where it is stored tiled)."""
-    if len(stored) == len(shape) + 1:
-        return Slice(0, nbytes, stored, shape, untile)
-    return Slice(0, nbytes, stored, shape, _same)
+    return Slice(0, nbytes, stored, shape, untile if tiled else _same)
 
 
 def rank_slice(name: str, shape: tuple, nbytes: int, stored: tuple, kind: str | None, rank: int, size: int,
-               qtype: str | None) -> Slice:
+               qtype: str | None, tiled: bool) -> Slice:
     """Rank ``rank`` of ``size``'s slice of a tensor of logical ``shape`` whose ``nbytes`` are
-    stored as ``stored`` (its items' or blocks' shape; tiled ``(N, rows, width)`` for ``row:N``)."""
+    stored as ``stored`` (its items' or blocks' shape; ``tiled``: ``(N, rows, width)`` for ``row:N``)."""
     dim = split_dim(kind)
     if dim is None or size == 1 or len(shape) < 1 + dim:
-        return whole(shape, nbytes, stored)
+        return whole(shape, nbytes, stored, tiled)
     unit = BLOCK_SIZES[qtype][0] if qtype and dim == len(shape) - 1 else 1
     if shape[dim] % (size * unit):
         raise UsageError(f"tensor {name!r} ({kind}-parallel) has {shape[dim]} along dimension {dim}, which {size} "
@@ -68,7 +66,7 @@ def rank_slice(name: str, shape: tuple, nbytes: int, stored: tuple, kind: str | 
         rows = stored[0] // size
         row_bytes = nbytes // stored[0]
         return Slice(rank * rows * row_bytes, rows * row_bytes, (rows, *stored[1:]), sliced, _same)
-    if len(stored) == len(shape) + 1:  # stored tiled
+    if tiled:
         return _tiled(nbytes, stored, rank, size, sliced)
     return _strided(nbytes, stored, rank, size, sliced)
 

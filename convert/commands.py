@@ -328,7 +328,7 @@ def _options_text(options: dict) -> str:
 
 
 def cmd_verify(args) -> dict:
-    from prebake.cache.integrity import verify
+    from prebake.formats.integrity import verify
     from prebake.formats.manifest import read_manifest
 
     m = read_manifest(args.out)

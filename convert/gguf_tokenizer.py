@@ -41,8 +41,13 @@ def write_tokenizer(f: GGUFFile, config, folder: Path) -> list[Path]:
             del backend
             tokenizer = tokenizer_class(config)(tokenizer_file=str(Path(tmp) / "backend.json"), **tokenizer_config,
                                                 **extra)
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise FormatError(f"transformers cannot build a tokenizer from this file ({e})", f.path) from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # transformers' and tokenizers' (Rust: a panic is a BaseException)
+            # refusal of metadata no real file has; this file's, so one line, not a traceback
+            raise FormatError(f"transformers cannot build a tokenizer from this file's metadata ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); --names gguf bakes it without one",
+                              f.path) from None
         (Path(tmp) / "backend.json").unlink()
         out = []
         for p in map(Path, tokenizer.save_pretrained(tmp)):
@@ -73,10 +78,29 @@ def tokenizer_inputs(f: GGUFFile) -> tuple[str, dict, dict]:
         tokenizer_config.setdefault("add_bos_token", True)
     elif tokenizer.get("tokenizer_type") == "gemma4":  # its chat template writes <bos> itself
         tokenizer_config["add_bos_token"] = False
+    tokens = tokenizer.get("tokens") or []
+    _check_vocabulary(f, tokens, tokenizer.get("merges"))
     for name, key in SPECIAL_TOKENS.items():
         token_id = f.fields[f"tokenizer.ggml.{key}"].value() if f"tokenizer.ggml.{key}" in f.fields else None
-        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+        if token_id is not None and not (type(token_id) is int and 0 <= token_id < len(tokens)):
+            raise FormatError(f"tokenizer.ggml.{key} is {token_id!r}, not a token of the {len(tokens)}-token vocabulary",
+                              f.path)
+        tokenizer_config[name] = tokens[token_id] if token_id is not None else None
     return value("general.architecture"), tokenizer, tokenizer_config
+
+
+def _check_vocabulary(f: GGUFFile, tokens: list, merges: list | None) -> None:
+    """What the tokenizers library assumes of a vocabulary and would otherwise panic on (a Rust
+    panic prints its own message before any error can be caught): distinct tokens, and merges
+    of two tokens of the vocabulary whose join is one too."""
+    vocab = set(tokens)
+    if len(vocab) != len(tokens):
+        raise FormatError(f"the vocabulary lists {len(tokens) - len(vocab)} token(s) twice", f.path)
+    for i, merge in enumerate(merges or ()):
+        parts = merge.split(" ") if isinstance(merge, str) else ()
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
+            raise FormatError(f"tokenizer.ggml.merges[{i}] ({merge!r}) is not a merge of two tokens of the "
+                              "vocabulary into a third", f.path)
 
 
 SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",

@@ -40,6 +40,7 @@ from prebake.formats.archive import (
     scratch,
 )
 from prebake.formats.errors import FormatError, OutputError, VerifyError
+from prebake.formats.integrity import verify
 from prebake.formats.manifest import read_component, read_manifest
 
 Progress = Callable[[int], Callable[[int], None]]
@@ -272,8 +273,7 @@ def unpack_from(reader, out_dir: str | os.PathLike, *, threads: int | None = Non
         finally:
             for fd in fds:
                 os.close(fd)
-        for _ in _manifests(tmp):  # the unpacked manifest is input too: checked before it is kept
-            pass
+        verify(tmp)  # the unpacked bake is input too: kept only if its manifest checks and its bytes match it
     return out
 
 

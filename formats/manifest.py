@@ -159,6 +159,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     schema says, or that points outside the bake.
     """
     mp = manifest_path(path)
+    if os.path.realpath(mp) != os.path.join(os.path.realpath(mp.parent), mp.name):
+        raise ManifestError(f"is a link to {os.path.realpath(mp)}: a bake's manifest is a file of its own", mp)
     try:
         with open(mp, "rb") as f:
             d = json.loads(f.read())

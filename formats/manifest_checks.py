@@ -33,6 +33,9 @@ def check_manifest(d: dict, mp: Path, build: Callable):
         for key in ("source", "options"):
             where = key
             _need(isinstance(d.get(key), dict), "is not an object")
+        where = "source"
+        _need(type(d["source"].get("path")) is str and type(d["source"].get("format")) is str,
+              "does not name its path and format")
         where = "checksum"
         _checksum_scheme(d.get("checksum"))
         paths = _Paths(root)

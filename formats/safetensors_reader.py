@@ -38,9 +38,26 @@ def read_safetensors(path: str) -> SourceFile:
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(type(v) is str for v in metadata.values()):
+        raise FormatError("corrupt safetensors header (__metadata__ is not an object of strings)", path)
     tensors = [_describe(name, entry, mm, start, size, path) for name, entry in header.items()]
-    tensors.sort(key=lambda t: t.storage.start)  # file order
+    tensors.sort(key=lambda t: (t.storage.start, t.storage.end))  # file order
+    _check_covered(tensors, size - start, path)
     return SourceFile(path, "safetensors", tensors, metadata={"safetensors": metadata})
+
+
+def _check_covered(tensors: list[TensorInfo], data_size: int, path: str) -> None:
+    """The format's rule, as its reference checks it: the tensors cover the data buffer exactly,
+    one after another, no hole, no overlap, no trailing byte (what a polyglot file would hide)."""
+    pos = 0
+    for t in tensors:
+        if t.storage.start != pos:
+            what = "overlaps the tensor before it" if t.storage.start < pos else f"leaves bytes {pos}-{t.storage.start} unused"
+            raise FormatError(f"tensor {t.name!r} {what}: not a well-formed safetensors file", path)
+        pos = t.storage.end
+    if pos != data_size:
+        raise FormatError(f"the data buffer holds {data_size - pos} bytes after its last tensor: not a well-formed "
+                          "safetensors file (or one whose header length is wrong)", path)
 
 
 def _describe(name: str, entry, mm, start: int, size: int, path: str) -> TensorInfo:

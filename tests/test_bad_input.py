@@ -24,7 +24,6 @@ import numpy as np
 import prebake.convert.work as shard_writer
 import pytest
 import torch
-from prebake.cache.integrity import verify
 from prebake.cache.load import load_from_manifest
 from prebake.convert.bake import convert
 from prebake.convert.cli import main
@@ -37,6 +36,7 @@ from prebake.formats.errors import (
     UnsafePickleError,
     VerifyError,
 )
+from prebake.formats.integrity import verify
 from prebake.formats.manifest import read_manifest
 from safetensors.torch import save_file
 

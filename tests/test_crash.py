@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from prebake.cache.integrity import verify
+from prebake.formats.integrity import verify
 from prebake.formats.manifest import read_manifest
 
 from tests.test_bad_input import save_torch

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from prebake.cache import store
-from prebake.cache.integrity import verify
 from prebake.cache.load import load_from_manifest
 from prebake.convert.bake import convert
 from prebake.convert.cli import main
 from prebake.convert.pack import pack, unpack
 from prebake.formats.errors import ManifestError, PrebakeError
+from prebake.formats.integrity import verify
 from prebake.formats.manifest import read_manifest
 from prebake.formats.manifest_records import REQUIRED
 

@@ -28,13 +28,13 @@ import pytest
 import torch
 import transformers
 from prebake.cache import store
-from prebake.cache.integrity import verify
 from prebake.cache.load import load_from_manifest
 from prebake.cache.module import load_module
 from prebake.cache.packed import PackedTensor
 from prebake.convert.bake import convert
 from prebake.convert.cli import main
 from prebake.convert.plan import Options
+from prebake.formats.integrity import verify
 from prebake.formats.manifest import read_manifest
 
 from tests.conftest import save_llama

@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from prebake.cache.integrity import verify
 from prebake.cache.load import load_from_manifest
 from prebake.convert.bake import convert
 from prebake.convert.plan import Options
+from prebake.formats.integrity import verify
 from prebake.formats.manifest import read_manifest
 from safetensors.torch import save_file
 
