@@ -199,8 +199,8 @@ def test_minimize_shrinks_to_the_fault(tmp_path):
     fake = Seeds({"fake": [("s", data)]}, {})
     verdict, _ = judge_subject(reader, data, tmp_path, FAST)
     assert verdict.cls == "traceback"
-    small, _ = minimize(reader, Case("fake", 0, "s", [], [], data), verdict.signature, fake, tmp_path, FAST,
-                        budget=120)
+    small, _, _ = minimize(reader, Case("fake", 0, "s", [], [], data), verdict.signature, fake, tmp_path, FAST,
+                           budget=120)
     assert small == b"BOOM"
 
 

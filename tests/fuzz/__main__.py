@@ -103,11 +103,11 @@ def save(defect, seeds, root: Path, limits, folder: Path, minimize: bool, campai
     from tests.fuzz.readers import READERS
 
     reader = READERS[defect.reader]
-    subject, steps = defect.case.subject, defect.case.steps
+    subject, steps, seed = defect.case.subject, defect.case.steps, defect.case.seed
     if minimize:
         from tests.fuzz.minimize import minimize as shrink
 
-        subject, steps = shrink(reader, defect.case, defect.verdict.signature, seeds, root, limits)
+        subject, steps, seed = shrink(reader, defect.case, defect.verdict.signature, seeds, root, limits)
     tag = hashlib.sha1(defect.verdict.signature.encode()).hexdigest()[:8]
     out = folder / f"{defect.reader}-{defect.verdict.cls}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
@@ -120,7 +120,7 @@ def save(defect, seeds, root: Path, limits, folder: Path, minimize: bool, campai
         (out / "input" / reader.entry).write_bytes(subject)
     record = {"reader": defect.reader, "class": defect.verdict.cls, "signature": defect.verdict.signature,
               "detail": defect.verdict.detail, "inputs": defect.count, "campaign_seed": campaign_seed,
-              "index": defect.case.index, "seed": defect.case.seed, "steps": steps,
+              "index": defect.case.index, "seed": seed, "steps": steps,
               "mutations": defect.case.descriptions, "minimized": minimize, "log": defect.log[-2000:]}
     (out / "defect.json").write_text(json.dumps(record, indent=1) + "\n")
     return out

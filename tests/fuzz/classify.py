@@ -130,10 +130,12 @@ def _compared(check: dict, reader: str) -> Verdict:
     return Verdict("traceback", f"harness:verdict:{verdict}", f"unknown check verdict {verdict!r}")
 
 
-def _gist(message: str) -> str:
-    """A refusal's message without its numbers, paths and quoted names: what kind of refusal."""
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|/\S+|\d+", "_", message.split(": ", 2)[-1])
-    return text[:70]
+def _gist(message: str, words: int = 6) -> str:
+    """What kind of refusal a message is: its first words, leaving out those that name things
+    (numbers, paths, quoted names), so one kind of refusal has one signature."""
+    text = message.split(": ", 2)[-1]
+    kept = [w for w in text.split() if not any(c in w for c in "0123456789/`'\"")]
+    return " ".join(kept[:words])
 
 
 def normalized(signature: str) -> str:

@@ -98,11 +98,39 @@ def bake_tensors(out: Path) -> dict:
     return dict(load_from_manifest(out))
 
 
-def torch_check(src: Path, out: Path) -> dict:
+# Inert values prebake's unpickler keeps as skipped leaves (README: "Safe"), which torch's
+# weights-only loader takes only when told: the reference is told, so their tensors compare.
+INERT = {"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.ndarray",
+         "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "argparse.Namespace",
+         "torch.device", "torch.torch_version.TorchVersion", "torch.UntypedStorage"}
+
+
+def torch_load(src: Path):
+    """``torch.load(weights_only=True)``, allowing the inert globals prebake allows, one by one."""
+    import importlib
+    import re
+
     import torch
 
+    allowed = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:
+            m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
+            if not m or m.group(1) not in INERT:
+                raise
+            module, _, name = m.group(1).rpartition(".")
+            value = getattr(importlib.import_module(module), name)
+            if value in allowed:  # allowed, and still refused where it stands
+                raise
+            allowed.append(value)
+
+
+def torch_check(src: Path, out: Path) -> dict:
     try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        obj = torch_load(src)
     except Exception as e:  # noqa: BLE001  whatever torch refuses with
         return _refused(e, "torch.load")
     try:
@@ -170,11 +198,7 @@ def _same_fields(reader, kept: Path) -> dict | None:
 
 def gguf_hf_check(src: Path, out: Path) -> dict:
     """A Hugging Face folder baked from a GGUF (float, dequantized) against gguf-py's values."""
-    from collections import Counter
-
-    import torch
     from gguf import GGUFReader
-    from gguf.quants import dequantize
     from prebake.cache.load import load_from_manifest
     from prebake.formats.manifest import read_manifest
 
@@ -190,18 +214,40 @@ def gguf_hf_check(src: Path, out: Path) -> dict:
         if t is None:
             return _differs("source", f"{name!r} names {e.source_name!r}, which the GGUF does not hold")
         try:
-            ref = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(reversed(t.shape.tolist())))
+            want = _gguf_values(t, loaded[name].dtype)
         except Exception as err:  # noqa: BLE001  a type gguf-py cannot dequantize
             return {"verdict": "no-reference", "why": type(err).__name__, "detail": f"dequantize: {err}"[:300]}
         got = loaded[name]
-        if tuple(got.shape) != ref.shape:
-            return _differs("shape", f"{name!r}: bake {tuple(got.shape)}, GGUF {ref.shape}")
-        want = torch.from_numpy(ref).to(got.dtype)  # a float16 bake rounds each value once, as torch does
-
-        def rows(t):
-            t = t.contiguous()
-            return Counter(bytes(r.view(torch.uint8).numpy()) for r in t.reshape(t.shape[0] if t.dim() > 1 else 1, -1))
-
-        if rows(got) != rows(want):
-            return _differs("values", f"{name!r}: values differ from gguf-py's dequantized {t.name!r}")
+        if tuple(got.shape) != tuple(want.shape):
+            return _differs("shape", f"{name!r}: bake {tuple(got.shape)}, GGUF {tuple(want.shape)}")
+        if _rows(got) != _rows(want):
+            return _differs("values", f"{name!r}: values differ from gguf-py's {t.name!r}")
     return {"verdict": "equal", "detail": f"{len(m.tensors)} tensors"}
+
+
+def _gguf_values(t, dtype):
+    """A GGUF tensor as the bake should hold it: its own items if stored as ``dtype`` already,
+    else gguf-py's dequantized float32 rounded once to ``dtype`` (as torch rounds)."""
+    import torch
+    from gguf.quants import dequantize
+
+    shape = tuple(reversed(t.shape.tolist()))
+    plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    if plain.get(t.tensor_type.name) == dtype:
+        raw = torch.from_numpy(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8).copy())
+        return raw.view(dtype).reshape(shape)
+    return torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)).to(dtype)
+
+
+def _rows(t):
+    """A tensor's rows as a multiset of bytes, every NaN made the same NaN (row order and NaN
+    payloads are not what a bake promises to keep once values are computed)."""
+    from collections import Counter
+
+    import torch
+
+    t = t.contiguous().clone()
+    if t.is_floating_point():
+        t[torch.isnan(t)] = float("nan")
+    flat = t.reshape(t.shape[0] if t.dim() > 1 else 1, -1)
+    return Counter(bytes(r.view(torch.uint8).numpy()) for r in flat)

@@ -90,6 +90,8 @@ def describe(e: BaseException, stage: str) -> dict:
     frames = traceback.extract_tb(e.__traceback__)
     ours = [f for f in frames if any(f"/{p}/" in f.filename for p in ("formats", "convert", "cache"))]
     where = ours[-1] if ours else (frames[-1] if frames else None)
+    if isinstance(e, RecursionError) and ours:  # where the stack ran out varies: name the function that recursed
+        where = max(ours, key=lambda f: sum(g.name == f.name and g.filename == f.filename for g in ours))
     text = str(e)
     return {"type": f"{type(e).__module__}.{type(e).__qualname__}", "message": text[:600],
             "lines": text.count("\n") + 1, "prebake": isinstance(e, PrebakeError),

@@ -116,7 +116,8 @@ is made, may be listed and synced). Outside
                 if not self.allowed(path):
                     if not self.outside:
                         self.where = _caller()
-                    self._note(self.outside, f"{event} {path}")
+                    real = os.path.realpath(path)
+                    self._note(self.outside, f"{event} {path}" + (f" (-> {real})" if real != os.path.abspath(path) else ""))
         except Exception as e:  # an audit hook must never change what the target does
             self._note(self.outside, f"{event} (audit failed: {e!r})")
         finally:

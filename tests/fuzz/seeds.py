@@ -19,6 +19,7 @@ reads them back.
 
 from __future__ import annotations
 
+import bz2
 import os
 import shutil
 import subprocess
@@ -27,10 +28,10 @@ import zlib
 from pathlib import Path
 
 from tests.fuzz.mutators.base import Folder
-from tests.fuzz.mutators.zip_ops import BOMB_NAME, BOMB_SIZE
+from tests.fuzz.mutators.zip_ops import BOMB_SIZE
 from tests.fuzz.sandbox import SENTINEL
 
-VERSION = "2"
+VERSION = "4"
 KINDS = ("torch-zip", "torch-legacy", "safetensors", "gguf", "gguf-hf", "archive", "bake")
 
 
@@ -175,16 +176,16 @@ def write_gguf_hf(out: Path, work: Path) -> None:
     from tests.tiny_tokenizers import qwen2_tokenizer, spm_tokenizer
 
     (out / "gguf-hf").mkdir(parents=True, exist_ok=True)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
     for kind, qtypes in (("llama", ("Q8_0", "F16")), ("qwen2", ("Q8_0",))):
         src = work / kind
         src.mkdir(parents=True)
         if kind == "llama":
-            tok = spm_tokenizer(src, "llama")
+            tok = spm_tokenizer(src, "llama", vocab_size=300)
             config = transformers.LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, **common)
         else:
-            tok = qwen2_tokenizer(src)
+            tok = qwen2_tokenizer(src, vocab_size=300)
             config = transformers.Qwen2Config(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                                               tie_word_embeddings=True, **common)
         torch.manual_seed(0)
@@ -217,13 +218,13 @@ def write_bakes(out: Path, work: Path) -> None:
     pack(work / "big-bake", archives / "planes.pbk")
 
 
-def write_bomb(out: Path) -> None:
-    """Raw deflate of BOMB_SIZE zero bytes (about 2.5 MiB)."""
+def write_bombs(out: Path) -> None:
+    """BOMB_SIZE zero bytes as raw deflate (about 2.5 MiB) and as bzip2 (about 2 KiB)."""
     (out / "extras").mkdir(parents=True, exist_ok=True)
-    c = zlib.compressobj(9, zlib.DEFLATED, -15)
     zeros = bytes(64 << 20)
-    parts = [c.compress(zeros) for _ in range(BOMB_SIZE // len(zeros))]
-    (out / "extras" / BOMB_NAME).write_bytes(b"".join(parts) + c.flush())
+    for name, c in (("bomb.deflate", zlib.compressobj(9, zlib.DEFLATED, -15)), ("bomb.bzip2", bz2.BZ2Compressor(9))):
+        parts = [c.compress(zeros) for _ in range(BOMB_SIZE // len(zeros))]
+        (out / "extras" / name).write_bytes(b"".join(parts) + c.flush())
 
 
 def write_all(out: Path) -> None:
@@ -239,7 +240,7 @@ def write_all(out: Path) -> None:
         write_bakes(out, Path(work))
     with tempfile.TemporaryDirectory() as work:
         write_gguf_hf(out, Path(work))
-    write_bomb(out)
+    write_bombs(out)
     (out / "VERSION").write_text(VERSION)
 
 

@@ -149,7 +149,10 @@ def archive_file(data: bytes, rng: Random, ctx=NO_CONTEXT) -> tuple[bytes, str]:
     except (zstd.ZstdError, ValueError, KeyError, TypeError, IndexError):
         raise NotApplicable("chunk does not decode") from None
     if names[i] == "manifest.json":
-        tree, what = mutate_tree(json.loads(raw), rng)
+        try:
+            tree, what = mutate_tree(json.loads(raw), rng)
+        except ValueError:
+            raise NotApplicable("manifest is not JSON") from None
         new = dumps(tree)
     else:
         at = rng.randrange(len(raw)) if raw else 0

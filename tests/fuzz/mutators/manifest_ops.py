@@ -37,9 +37,12 @@ def _manifests(folder: Folder) -> list[str]:
 
 def _load(folder: Folder, path: str) -> dict:
     try:
-        return json.loads(folder.files[path])
+        d = json.loads(folder.files[path])
     except ValueError:
         raise NotApplicable("manifest is not JSON") from None
+    if not isinstance(d, dict):
+        raise NotApplicable("manifest is not an object")
+    return d
 
 
 def manifest_tree(folder: Folder, rng: Random, ctx=NO_CONTEXT) -> tuple[Folder, str]:

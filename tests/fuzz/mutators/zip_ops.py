@@ -19,7 +19,7 @@ from tests.fuzz.mutators.base import NO_CONTEXT, NotApplicable, interesting
 
 METHODS = [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA, 1, 6, 9, 93, 98, 99, 0xFFFF]
 FLAG_BITS = [0, 1, 3, 6, 11, 13]
-BOMB_NAME = "bomb.deflate"  # a seed file: raw deflate of BOMB_SIZE zero bytes
+BOMBS = {"bomb.deflate": zipfile.ZIP_DEFLATED, "bomb.bzip2": zipfile.ZIP_BZIP2}  # seed extras: BOMB_SIZE zeros
 BOMB_SIZE = 5 << 29  # 2.5 GiB
 
 
@@ -132,15 +132,17 @@ def zip_members(data: bytes, rng: Random, ctx=NO_CONTEXT) -> tuple[bytes, str]:
 
 
 def zip_bomb(data: bytes, rng: Random, ctx=NO_CONTEXT) -> tuple[bytes, str]:
-    """``data.pkl`` (or a storage) replaced by a deflate bomb: a few MiB inflating to 2.5 GiB."""
-    bomb = ctx.extras.get(BOMB_NAME)
-    if bomb is None:
+    """``data.pkl`` (or another member) replaced by a bomb: 2.5 GiB of zeros deflated into 2.5 MiB,
+    or put through bzip2 into 2 KiB."""
+    kinds = sorted(k for k in BOMBS if k in ctx.extras)
+    if not kinds:
         raise NotApplicable("no bomb seed")
+    kind = rng.choice(kinds)
     members = zl.entries(data)
     i = rng.randrange(len(members))
     declared = rng.choice([BOMB_SIZE, len(members[i].raw)])
-    members[i] = zl.Entry(members[i].name, b"", zipfile.ZIP_DEFLATED, payload=bomb, usize=declared)
-    return zl.build(members), f"{members[i].name!r} is a deflate bomb declaring {declared} bytes"
+    members[i] = zl.Entry(members[i].name, b"", BOMBS[kind], payload=ctx.extras[kind], usize=declared)
+    return zl.build(members), f"{members[i].name!r} is a {kind} declaring {declared} bytes"
 
 
 ZIP_OPS = {f.__name__: f for f in (zip_field, zip_name, zip_members, zip_bomb)}
