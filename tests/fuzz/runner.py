@@ -87,7 +87,7 @@ def describe(e: BaseException, stage: str) -> dict:
     """An exception as plain data: its type, message, stage and the frames that raised it."""
     from prebake.formats.errors import PrebakeError
 
-    frames = traceback.extract_tb(e.__traceback__)
+    frames = traceback.StackSummary.extract(traceback.walk_tb(e.__traceback__), lookup_lines=False)  # no file reads
     ours = [f for f in frames if any(f"/{p}/" in f.filename for p in ("formats", "convert", "cache"))]
     where = ours[-1] if ours else (frames[-1] if frames else None)
     if isinstance(e, RecursionError) and ours:  # where the stack ran out varies: name the function that recursed

@@ -37,13 +37,15 @@ MAX_RECORDED = 20
 
 
 def system_roots() -> list[str]:
-    """Folders any child may read: the Python installation, site-packages, the code under test."""
+    """Folders any child may read: the Python installation, site-packages, the code under test
+    (the harness's own modules are imported before any fork, and tracebacks are taken without
+    reading source lines, so nothing else is needed)."""
     import prebake.cache
     import prebake.convert
     import prebake.formats
 
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sysconfig.get_paths()["stdlib"],
-             *site.getsitepackages(), str(Path(__file__).resolve().parent.parent)}
+             *site.getsitepackages()}
     for package in (prebake.formats, prebake.convert, prebake.cache):
         roots.update(package.__path__)
     return sorted({os.path.realpath(r) for r in roots})
