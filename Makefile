@@ -9,8 +9,11 @@ CKPT_EXT := .bin .pt .pth .safetensors .gguf .ckpt
 SRCNAME = $(MODEL:/=)
 OUT    ?= $(if $(MODEL),$(if $(filter $(suffix $(SRCNAME)),$(CKPT_EXT)),$(basename $(SRCNAME)),$(SRCNAME))-baked,build/demo-baked)
 ARGS   ?=
+N      ?= 1000
+SEED   ?= 0
+JOBS   ?= 1
 
-.PHONY: convert test bench lint clean
+.PHONY: convert test bench fuzz lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +39,12 @@ test: $(STAMP)
 ## bench: the benchmarks, each printing ratios against its peer measured in the same run
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
+
+## fuzz [N=1000] [SEED=0] [JOBS=1]: N mutated inputs per reader (tests/fuzz), each in a sandboxed child; prints
+## the table (clean errors, correct bakes, one column per defect class) and the time; defects, minimized, go
+## to build/fuzz/defects (replay one: python -m tests.fuzz --replay DIR)
+fuzz: $(STAMP)
+	nice -n 19 $(BIN)/python -m tests.fuzz --n $(N) --seed $(SEED) --jobs $(JOBS) --save build/fuzz/defects --minimize
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
