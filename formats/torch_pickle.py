@@ -158,13 +158,23 @@ class Opaque:
     qualname = "object"
 
     def __init__(self, *args):
+        self._refuse_tensors(args)
         self.args = args
 
     def __new__(cls, *args, **kwargs):
         return object.__new__(cls)
 
     def __setstate__(self, state):
-        self.state = state
+        self.state = state  # tensors in an object's state are found, checked and reported skipped
+
+    def _refuse_tensors(self, args) -> None:
+        # None of these types is built from a tensor: one handed to numpy.dtype() or
+        # torch.device() would vanish into the skipped record (a bake missing it) where
+        # torch.load fails on the same call: refuse instead.
+        for v in args:
+            if type(v) in (TensorRecord, StorageRecord):
+                raise FormatError(f"the pickle passes a tensor or storage to {self.qualname}(), which "
+                                  "takes none; torch.load fails on it too")
 
     def __repr__(self) -> str:  # in names (an object used as a dict key): no memory address
         return f"<{self.qualname}>"

@@ -156,6 +156,11 @@ def storage_from_pid(u, pid) -> StorageRecord:
         raise FormatError(f"a storage key is {shown(pid[2])}, not a short string")
     if type(storage_type) is not Tag or storage_type.kind != "storage":
         raise FormatError(f"storage {key!r} has type {shown(storage_type)}, not a torch storage type")
+    if u.legacy and storage_type.what.endswith(".UntypedStorage"):
+        # torch's legacy reader takes the element type from the storage class; an untyped one
+        # has none, and torch.load refuses the file (weights_only or not)
+        raise FormatError(f"storage {key!r} is a torch.UntypedStorage, which the legacy (pre-1.6) format "
+                          "never holds; torch.load refuses it too")
     if not (type(pid[3]) is str and _LOCATION.fullmatch(pid[3])):
         raise FormatError(f"storage {key!r} has location {shown(pid[3])}, not a device name")
     nbytes = numel * DTYPE_SIZES[storage_type.dtype] if type(numel) is int else -1

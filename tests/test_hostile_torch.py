@@ -202,6 +202,16 @@ def test_bad_tensor_in_a_skipped_value_is_refused_too(tmp_path):
     refused(hidden, tmp_path, "skipped value", "storage '0'", "negative")
 
 
+def test_tensor_given_to_a_skipped_type_is_refused(tmp_path):
+    """numpy.dtype(tensor, ...) fails in torch.load; prebake must not skip the tensor and bake."""
+    import numpy
+
+    src = with_pickle(tmp_path, {"w": tensor(), "odd": Call(numpy.dtype, tensor(), False, True)})
+    with pytest.raises(ValueError, match="NumPy dtype"):
+        torch.load(src, weights_only=False)
+    refused(src, tmp_path, "numpy.dtype()", "takes none")
+
+
 def test_empty_tensor_may_point_anywhere_in_its_storage(tmp_path):
     """torch accepts any non-negative offset for an empty tensor: so does prebake."""
     src = with_pickle(tmp_path, {"w": tensor(), "empty": tensor(offset=100, size=(0, 3), stride=(3, 1))})

@@ -34,7 +34,6 @@ def _preload() -> None:
 
     torch.set_num_threads(1)
     import gguf  # noqa: F401
-    import prebake.cache.integrity  # noqa: F401
     import prebake.cache.load  # noqa: F401
     import prebake.cache.prefetch  # noqa: F401
     import prebake.convert.bake  # noqa: F401
@@ -43,6 +42,7 @@ def _preload() -> None:
     import prebake.convert.pack  # noqa: F401
     import prebake.formats.ggml_torch  # noqa: F401
     import prebake.formats.gguf_reader  # noqa: F401
+    import prebake.formats.integrity  # noqa: F401
     import prebake.formats.safetensors_reader  # noqa: F401
     import prebake.formats.torch_legacy  # noqa: F401
     import prebake.formats.torch_zip  # noqa: F401

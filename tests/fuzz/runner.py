@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,12 +124,20 @@ def _send(fd: int, message: dict) -> None:
         data = data[os.write(fd, data):]
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    with contextlib.suppress(OSError):
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line=""))
+
+
 def _child(job: Job, fd: int, limits: Limits, roots: list[str]) -> None:
     """The forked child: sandbox, bake phase, check phase; never returns."""
     try:
         sandbox.enter(job.work, limits.memory, limits.file_size)
         faulthandler.enable(file=sys.stderr)
         faulthandler.dump_traceback_later(max(0.1, limits.timeout - 0.3), exit=False)
+        # A warning is printed without its source line: reading the caller's file (the harness's
+        # own targets.py) through linecache would count as a read outside the input.
+        warnings.showwarning = _show_warning
         audit = sandbox.Audit(job.work, roots)
         sys.addaudithook(audit)
         report = _phase(lambda stage: job.bake(job.work, stage))

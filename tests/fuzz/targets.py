@@ -38,9 +38,9 @@ def convert_target(**options):
     """The bake phase of a reader that converts a checkpoint with ``Options(**options)``."""
 
     def bake(src: Path, out: Path, stage: Stage) -> dict:
-        from prebake.cache.integrity import verify
         from prebake.convert.bake import convert
         from prebake.convert.plan import Options
+        from prebake.formats.integrity import verify
 
         stage.at("source")
         convert(src, out, Options(**options))
@@ -54,8 +54,8 @@ def convert_target(**options):
 
 
 def unpack_target(src: Path, out: Path, stage: Stage) -> dict:
-    from prebake.cache.integrity import verify
     from prebake.convert.pack import unpack
+    from prebake.formats.integrity import verify
 
     stage.at("source")
     unpack(src, out, threads=1)
@@ -66,10 +66,10 @@ def unpack_target(src: Path, out: Path, stage: Stage) -> dict:
 
 
 def manifests_target(src: Path, out: Path, stage: Stage) -> dict:
-    from prebake.cache.integrity import verify
     from prebake.convert.cli import main
     from prebake.convert.pack import pack
     from prebake.formats.errors import PrebakeError
+    from prebake.formats.integrity import verify
 
     steps = {"load": lambda: load_all(src), "verify": lambda: verify(src),
              "pack": lambda: pack(src, out.with_suffix(".pbk"), threads=1),
