@@ -158,6 +158,10 @@ class Opaque:
     qualname = "object"
 
     def __init__(self, *args):
+        low, high = _OPAQUE[self.qualname]
+        if not low <= len(args) <= high:
+            raise FormatError(f"the pickle calls {self.qualname}() with {len(args)} arguments, which it does not "
+                              "take; torch.load fails on it too")
         self._refuse_tensors(args)
         self.args = args
 
@@ -188,10 +192,16 @@ def _opaque(qualname: str) -> type:
 
 
 # Inert value types that training checkpoints carry: kept as Opaque records, reported, skipped.
-_OPAQUE = {
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
-    "argparse.Namespace", "torch.device", "torch.torch_version.TorchVersion",
+# Each with the positional arguments its constructor takes when a pickle calls it (REDUCE):
+# a call the real type would refuse is refused, as torch.load would fail on it.
+_OPAQUE: dict[str, tuple[int, int]] = {
+    "numpy.core.multiarray.scalar": (1, 2), "numpy._core.multiarray.scalar": (1, 2),  # (dtype, bytes)
+    "numpy.dtype": (1, 4),  # ("f8", align, copy[, metadata])
+    "numpy.core.multiarray._reconstruct": (3, 3), "numpy._core.multiarray._reconstruct": (3, 3),
+    "numpy.ndarray": (1, 6),  # ndarray(shape, dtype, buffer, offset, strides, order)
+    "argparse.Namespace": (0, 0),  # keyword arguments only; pickles set its state instead
+    "torch.device": (1, 2),  # ("cuda", 0)
+    "torch.torch_version.TorchVersion": (0, 3),  # a str
 }
 _TYPES = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter")}
 

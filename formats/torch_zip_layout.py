@@ -129,7 +129,13 @@ def _check_directory(zf: zipfile.ZipFile, mm: mmap.mmap, infos: list[zipfile.Zip
     at = mm.rfind(b"PK\x05\x06", max(0, len(mm) - (1 << 16) - _END.size), len(mm) - _END.size + 4)
     if at < 0:
         raise FormatError("zip end of central directory not found")
-    _, disk, cd_disk, here, total, cd_size, cd_offset, _ = _END.unpack_from(mm, at)
+    _, disk, cd_disk, here, total, cd_size, cd_offset, comment = _END.unpack_from(mm, at)
+    if comment or at + _END.size != len(mm):
+        # torch.save writes neither; miniz's search for the end record fails on some lengths
+        # of them (a 30,000-byte comment, 5,000 bytes appended) and not others: refuse them all
+        raise FormatError(f"the zip has {len(mm) - at - _END.size} bytes after its end record (an archive "
+                          "comment or appended data), which torch.save never writes and torch's reader may "
+                          "refuse")
     entries = len(infos)
     end = _zip64_end(mm, at)
     if end is not None:

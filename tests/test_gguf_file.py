@@ -89,6 +89,11 @@ def write_model(path: Path, alignment: int | None = None, n_tokens: int = N_TOKE
     for name, (qtype, shape) in TENSORS.items():
         data, raw = _tensor_data(qtype, shape, rng)
         w.add_tensor(name, data, raw_dtype=raw)
+    return _finish(w, path)
+
+
+def _finish(w: gguf.GGUFWriter, path: Path) -> Path:
+    """Writes the file as llama.cpp's converter does: header, key-values, tensor data."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -242,11 +247,7 @@ def write_small(path: Path, keys: dict | None = None, names: tuple[str, ...] = (
     w.add_tensor(names[1], gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), Q.Q8_0),
                  raw_dtype=Q.Q8_0)
     w.add_tensor("c.weight", rng.standard_normal(3).astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 @pytest.fixture(scope="module")

@@ -212,6 +212,32 @@ def test_tensor_given_to_a_skipped_type_is_refused(tmp_path):
     refused(src, tmp_path, "numpy.dtype()", "takes none")
 
 
+def test_skipped_type_called_as_it_cannot_be_is_refused(tmp_path):
+    """argparse.Namespace(1, 2): torch.load fails on the call; the file must not bake."""
+    import argparse
+
+    src = with_pickle(tmp_path, {"w": tensor(), "args": Call(argparse.Namespace, 1, 2)})
+    with pytest.raises(TypeError):
+        torch.load(src, weights_only=False)
+    refused(src, tmp_path, "argparse.Namespace() with 2 arguments")
+
+
+def test_zip_with_bytes_after_its_end_record_is_refused(tmp_path):
+    """torch's reader fails on some archive comments and appended bytes; torch.save writes neither."""
+    base = saved(tmp_path)
+    for name, extra in (("comment.pt", None), ("appended.pt", b"x" * 5000)):
+        data = base.read_bytes()
+        if extra is None:  # an archive comment: its length goes in the end record's last field
+            data = data[:-2] + struct.pack("<H", 30000) + b"c" * 30000
+        else:
+            data += extra
+        src = tmp_path / name
+        src.write_bytes(data)
+        with pytest.raises(OSError):
+            torch.load(src)
+        refused(src, tmp_path, "after its end record")
+
+
 def test_empty_tensor_may_point_anywhere_in_its_storage(tmp_path):
     """torch accepts any non-negative offset for an empty tensor: so does prebake."""
     src = with_pickle(tmp_path, {"w": tensor(), "empty": tensor(offset=100, size=(0, 3), stride=(3, 1))})
