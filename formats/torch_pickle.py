@@ -27,6 +27,7 @@ import collections
 import functools
 import io
 import pickle
+import re
 import threading
 from dataclasses import dataclass
 
@@ -162,6 +163,9 @@ class Opaque:
         if not low <= len(args) <= high:
             raise FormatError(f"the pickle calls {self.qualname}() with {len(args)} arguments, which it does not "
                               "take; torch.load fails on it too")
+        if args and not _first_argument_ok(self.qualname, args[0]):
+            raise FormatError(f"the pickle calls {self.qualname}({shown(args[0])}, ...), which numpy would refuse "
+                              "(torch.load fails on it too)")
         self._refuse_tensors(args)
         self.args = args
 
@@ -189,6 +193,20 @@ def _opaque(qualname: str) -> type:
     # a class shared by every pickle: safe, since BUILD on a class that defines __setstate__
     # calls it unbound and fails instead of setting attributes
     return type("Opaque", (Opaque,), {"qualname": qualname})
+
+
+_NUMPY_DTYPE = re.compile(r"[?bBhHiIlLqQpPefdgFDGSUVOMmuic]\d{0,8}(\[\w+\])?")  # what dtype.__reduce__ writes
+def _first_argument_ok(qualname: str, arg) -> bool:
+    """numpy's pickled calls, checked as numpy would: dtype('f8'), scalar(dtype, bytes),
+    _reconstruct(ndarray, ...)."""
+    name = qualname.rsplit(".", 1)[1]
+    if name == "dtype":
+        return type(arg) is str and _NUMPY_DTYPE.fullmatch(arg) is not None
+    if name == "scalar":
+        return isinstance(arg, Opaque) and arg.qualname == "numpy.dtype"
+    if name == "_reconstruct":
+        return isinstance(arg, type) and issubclass(arg, Opaque) and arg.qualname == "numpy.ndarray"
+    return True
 
 
 # Inert value types that training checkpoints carry: kept as Opaque records, reported, skipped.

@@ -94,6 +94,7 @@ class StorageRecord:
     dtype: str
     nbytes: int
     start: int = 0
+    untyped: bool = False  # a torch.UntypedStorage: bytes, and no element type of its own
 
     def __setstate__(self, state):
         raise UnsupportedError(f"the pickle sets state (BUILD) on storage {self.key!r}")
@@ -156,11 +157,6 @@ def storage_from_pid(u, pid) -> StorageRecord:
         raise FormatError(f"a storage key is {shown(pid[2])}, not a short string")
     if type(storage_type) is not Tag or storage_type.kind != "storage":
         raise FormatError(f"storage {key!r} has type {shown(storage_type)}, not a torch storage type")
-    if u.legacy and storage_type.what.endswith(".UntypedStorage"):
-        # torch's legacy reader takes the element type from the storage class; an untyped one
-        # has none, and torch.load refuses the file (weights_only or not)
-        raise FormatError(f"storage {key!r} is a torch.UntypedStorage, which the legacy (pre-1.6) format "
-                          "never holds; torch.load refuses it too")
     if not (type(pid[3]) is str and _LOCATION.fullmatch(pid[3])):
         raise FormatError(f"storage {key!r} has location {shown(pid[3])}, not a device name")
     nbytes = numel * DTYPE_SIZES[storage_type.dtype] if type(numel) is int else -1
@@ -169,7 +165,8 @@ def storage_from_pid(u, pid) -> StorageRecord:
         check_int(nbytes, f"storage {key!r}'s size in bytes")
     root = u.storages.get(key)
     if root is None:
-        root = u.storages[key] = StorageRecord(key, storage_type.dtype, nbytes)
+        root = u.storages[key] = StorageRecord(key, storage_type.dtype, nbytes,
+                                               untyped=storage_type.what.endswith("UntypedStorage"))
     if u.legacy and pid[5] is not None:
         return _storage_view(u, root, pid[5], storage_type.dtype)
     return root
@@ -187,7 +184,7 @@ def _storage_view(u, root: StorageRecord, view, dtype: str) -> StorageRecord:
                           f"storage {root.key!r} ({root.nbytes} bytes)")
     found = u.views.get(view[0])
     if found is None:  # torch keeps the first view of a key, as it keeps the first storage
-        found = u.views[view[0]] = StorageRecord(root.key, dtype, nbytes, start)
+        found = u.views[view[0]] = StorageRecord(root.key, dtype, nbytes, start, root.untyped)
     return found
 
 
@@ -195,14 +192,24 @@ def _storage_view(u, root: StorageRecord, view, dtype: str) -> StorageRecord:
 # tensors
 
 
+def _storage_dtype(storage) -> tuple[str | None, str | None]:
+    """The element type the older rebuilds take from their storage, or why there is none: torch
+    writes an untyped storage only with ``_rebuild_tensor_v3``, which names the dtype itself."""
+    if type(storage) is not StorageRecord:
+        return None, None
+    if storage.untyped:
+        return None, "its storage is a torch.UntypedStorage, which has no element type (torch.load fails on it)"
+    return storage.dtype, None
+
+
 def _rebuild_tensor(u, storage, storage_offset, size, stride):
-    dtype = storage.dtype if type(storage) is StorageRecord else None
-    return _record(u, storage, storage_offset, size, stride, dtype)
+    dtype, problem = _storage_dtype(storage)
+    return _record(u, storage, storage_offset, size, stride, dtype, problem=problem)
 
 
 def _rebuild_tensor_v2(u, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    dtype = storage.dtype if type(storage) is StorageRecord else None
-    return _record(u, storage, storage_offset, size, stride, dtype, requires_grad, metadata)
+    dtype, problem = _storage_dtype(storage)
+    return _record(u, storage, storage_offset, size, stride, dtype, requires_grad, metadata, problem)
 
 
 def _rebuild_tensor_v3(u, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,

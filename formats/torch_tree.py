@@ -32,10 +32,13 @@ def flatten(obj, budget: int) -> tuple[list[tuple[str, TensorRecord]], list[tupl
     tensors: list[tuple[str, TensorRecord]] = []
     leaves: list[tuple[str, str]] = []
     path: list[int] = []  # ids of the containers above the node being visited
-    stack = [("", obj, 0)]
+    stack = [("", obj, 0, None)]
     while stack:
-        name, node, depth = stack.pop()
+        name, node, depth, odd_key = stack.pop()
         if isinstance(node, TensorRecord):
+            if odd_key is not None:
+                raise FormatError(f"tensor {name[:120]!r} sits under a dict key that is {odd_key}, which has no "
+                                  "stable name (torch would name it by its memory address or type): refused")
             tensors.append((name, node))
             continue
         if isinstance(node, dict):
@@ -60,7 +63,8 @@ def flatten(obj, budget: int) -> tuple[list[tuple[str, TensorRecord]], list[tupl
         for key, value in children:
             text = key if type(key) is str else _key_text(key, name)
             budget -= len(text)
-            named.append((f"{name}.{text}" if name else text, value, depth + 1))
+            odd = odd_key if odd_key is not None or type(key) in _PLAIN_KEYS else _odd_key(key)
+            named.append((f"{name}.{text}" if name else text, value, depth + 1, odd))
         _check_budget(budget, name)
         stack.extend(reversed(named))
     return tensors, leaves
@@ -123,6 +127,17 @@ class _Holders:
             raise FormatError(f"the checkpoint nests containers deeper than {MAX_DEPTH} levels")
         path.append([node, iter(dict.values(node) if isinstance(node, dict) else node), False, 0])
         on_path.add(id(node))
+
+
+_PLAIN_KEYS = (str, int, bool, float, type(None))
+
+
+def _odd_key(key) -> str | None:
+    """What a key is when its text in a name is not the ``str()`` torch's flattened name would
+    use (a function, a class, an object, a tuple: repr and str differ or hold addresses)."""
+    if type(key) in _PLAIN_KEYS or (type(key) is Tag and key.kind == "dtype"):
+        return None
+    return f"a {key.what}" if isinstance(key, (Allowed, Tag)) else f"a {type(key).__name__}"
 
 
 def _key_text(key, parent: str) -> str:
