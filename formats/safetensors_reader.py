@@ -37,7 +37,8 @@ def read_safetensors(path: str) -> SourceFile:
         start, header = read_header(path, f)
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is allowed; [], "" or 0 are not
     if not isinstance(metadata, dict) or not all(type(v) is str for v in metadata.values()):
         raise FormatError("corrupt safetensors header (__metadata__ is not an object of strings)", path)
     tensors = [_describe(name, entry, mm, start, size, path) for name, entry in header.items()]

@@ -701,3 +701,21 @@ def test_a_tensor_under_a_reserved_name_is_refused(tmp_path):
         convert(src, tmp_path / "out")
     one_error_line(cli("convert", src, tmp_path / "out"), "__prebake_pad__.0.0")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("metadata", [[], "", 0, False, {"k": 1}, None, {}, {"format": "pt"}])
+def test_safetensors_metadata_as_the_reference_reads_it(tmp_path, metadata):
+    """``__metadata__`` is null or an object of strings; anything else the reference refuses, and so does prebake."""
+    from safetensors.torch import load_file
+
+    header = json.dumps({"__metadata__": metadata, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(4))
+    try:
+        load_file(src)
+    except Exception:  # noqa: BLE001  the reference refuses: prebake must too
+        with pytest.raises(FormatError, match="__metadata__"):
+            convert(src, tmp_path / "out")
+        return
+    convert(src, tmp_path / "out")
+    assert load_from_manifest(tmp_path / "out")["a"].tolist() == [0.0]
