@@ -71,6 +71,8 @@ def check_manifest(d: dict, mp: Path, build: Callable):
         for name, c in _dict(d.get("components", {})).items():
             where = f"component {name!r}"
             _need(isinstance(c, dict), "is not an object")
+            _int(c.get("tensors"), "tensors")
+            _int(c.get("bytes"), "bytes")
             paths.inside(c.get("path"), folder=True)
     except _Bad as e:
         raise ManifestError(f"{where}: {e}", mp) from None
@@ -283,6 +285,11 @@ def _file(f, paths: _Paths) -> None:
 
 def _variant(v, tensors: dict, aliases: dict, paths: _Paths) -> None:
     _need(isinstance(v, dict), "is not an object")
+    _need(type(v.get("spec")) is str, "spec is not a string")
+    _int(v.get("bytes"), "bytes")
+    for key in ("layers", "experts"):
+        _need(v.get(key) is None or (isinstance(v[key], list) and all(type(i) is int for i in v[key])),
+              f"{key} is not a list of integers")
     for vname, e in _dict(v.get("tensors")).items():
         _need(isinstance(e, dict), f"tensor {vname!r} is not an object")
         source = e.get("source")

@@ -112,15 +112,26 @@ def test_a_variant_naming_what_is_not_stored(bake, capsys):
     refused_everywhere(bake, capsys, "variant 'v'", "does not hold")
 
 
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("bytes", {}, "bytes is not an integer"), ("spec", 3, "spec is not a string"),
+    ("layers", "0-3", "layers is not a list"),
+])
+def test_a_variant_with_fields_of_the_wrong_type(bake, capsys, field, value, says):
+    """inspect prints these fields: a wrong type is one line, not a TypeError (found by the fuzz harness)."""
+    edit(bake, lambda d: d["variants"]["v"].update({field: value}))
+    refused_everywhere(bake, capsys, "variant 'v'", says)
+
+
 def test_a_nested_component_is_refused(tmp_path, bake):
     outer = tmp_path / "outer"
     outer.mkdir()
     shutil.copytree(bake, outer / "c")
-    edit(outer / "c", lambda d: d.update(components={"d": {"path": "model.safetensors"}}))
+    edit(outer / "c", lambda d: d.update(components={"d": {"path": "model.safetensors", "tensors": 1, "bytes": 4}}))
     (outer / "manifest.json").write_text(json.dumps({**json.loads((bake / "manifest.json").read_text()),
                                                      "shards": [], "tensors": {c: [] for c in REQUIRED},
                                                      "aliases": {}, "variants": {},
-                                                     "files": [], "components": {"c": {"path": "c"}}}))
+                                                     "files": [], "components": {"c": {"path": "c", "tensors": 1,
+                                                                                       "bytes": 4}}}))
     with pytest.raises(ManifestError, match="nests one level only"):
         load_from_manifest(outer, component="c")
 
