@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+from prebake.cache import mounts
 from prebake.cache.maps import Shards
 from prebake.formats.errors import NotInBakeError
 from prebake.formats.manifest import Manifest, TensorEntry, read_component, read_manifest
@@ -168,9 +169,7 @@ def _mode(m: Manifest, mode: str, device: torch.device, verify: bool) -> tuple[s
         return "eager", f"eager: staged reads onto {device}"
     if verify:
         return "eager", "eager: verify=True checks the bytes as they are read"
-    from prebake.cache.reader import network_filesystem
-
-    fs = network_filesystem(m.root)
+    fs = mounts.network_filesystem(m.root)
     return ("eager", f"eager: the bake is on {fs}, a network filesystem") if fs else ("mmap", None)
 
 

@@ -140,15 +140,15 @@ def test_a_filesystem_that_refuses_o_direct_falls_back(tmp_path, bakes, monkeypa
 
 
 def test_a_bake_on_a_network_filesystem_loads_eagerly(bakes, monkeypatch):
-    import prebake.cache.reader as reader
+    import prebake.cache.mounts as mounts
 
-    monkeypatch.setattr(reader, "network_filesystem", lambda path: "nfs4")
+    monkeypatch.setattr(mounts, "network_filesystem", lambda path: "nfs4")
     got = load_from_manifest(bakes / "lossless")
     assert got.report.mode == "eager" and "nfs4" in got.report.notes[0]
 
 
 def test_network_filesystem_reads_mountinfo(tmp_path):
-    from prebake.cache.reader import network_filesystem
+    from prebake.cache.mounts import network_filesystem
 
     assert network_filesystem(tmp_path) is None  # a local disk
 

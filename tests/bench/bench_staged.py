@@ -56,13 +56,16 @@ def small_tensors() -> tuple:
     return src, out
 
 
-def timed(imp: str, body: str, group=None, drop=None, repeat: int = REPEAT) -> float:
-    samples = []
+def timed(cases: dict[str, tuple[str, str]], group=None, drop=None, repeat: int = REPEAT) -> dict[str, float]:
+    """Median seconds of each case's body, each run in a fresh process; the cases interleaved
+    (one run of each per round), pages of ``drop`` dropped before every run."""
+    samples: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(repeat):
-        if drop is not None:
-            drop_cache(drop)
-        samples.append(python_timing(TIMER.format(imp=imp, body=body, enter=enter_code(group)))["s"])
-    return median(samples)
+        for k, (imp, body) in cases.items():
+            if drop is not None:
+                drop_cache(drop)
+            samples[k].append(python_timing(TIMER.format(imp=imp, body=body, enter=enter_code(group)))["s"])
+    return {k: median(v) for k, v in samples.items()}
 
 
 def bench_small() -> None:
@@ -92,7 +95,7 @@ def bench_cold_eager() -> None:
     out, m, shards = big_bake()
     group = make(out, BPS)
     note = f"reads throttled to {BPS // 10**6} MB/s" if group else "NO throttle (needs root and cgroup v1 blkio)"
-    touch = "for t in sd.values():\n    t.reshape(-1)[::4096 // t.element_size()].sum()"
+    touch = "for x in sd.values():\n    x.reshape(-1)[::4096 // x.element_size()].sum()"  # not t: the clock
     cases = {
         "sequential read (8 MiB blocks)": ("", "buf = bytearray(8 << 20)\nfor p in {s!r}:\n    with open(p, 'rb', "
                                                "buffering=0) as f:\n        while f.readinto(buf):\n            pass"),
@@ -103,7 +106,8 @@ def bench_cold_eager() -> None:
                              "sd = {{k: v.clone() for p in {s!r} for k, v in f(p).items()}}"),
         "mapped load + touch": ("from prebake.cache import load_from_manifest as f", "sd = f({o!r})\n" + touch),
     }
-    times = {k: timed(imp, body.format(s=shards, o=str(out)), group, out, COLD_REPEAT) for k, (imp, body) in cases.items()}
+    times = timed({k: (imp, body.format(s=shards, o=str(out))) for k, (imp, body) in cases.items()}, group, out,
+                  COLD_REPEAT)
     seq = times["sequential read (8 MiB blocks)"]
     size = sum(s.size for s in m.shards)
     rows = [(k, f"{v:.2f} s", f"{size / v / 1e6:.0f} MB/s", f"{seq / v:.2f}x") for k, v in times.items()]

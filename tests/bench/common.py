@@ -14,6 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 WORK = Path(os.environ.get("PREBAKE_BENCH_DIR", ROOT / "build" / "bench"))
 REPEAT = int(os.environ.get("PREBAKE_BENCH_REPEAT", "5"))
+# Child processes import from compiled bytecode, as an installed package does (these machines
+# set PYTHONDONTWRITEBYTECODE, which makes every import compile its source again: 10-20 ms of
+# prebake's import, more for larger packages, on every side alike).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def median(xs: list[float]) -> float:
