@@ -11,6 +11,7 @@ showed each kept for saving and minimizing.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -173,12 +174,16 @@ def run_reader(reader: Reader, n: int, seed: int, seeds: Seeds, root: Path, limi
                            seeds.named(reader.seeds, case.seed) if reader.bait_bake else None)
             yield job(reader, case, work)
 
+    shown = began
     for done, raw in run_all(jobs(), limits, parallel):
         verdict = judge(raw, reader.name)
         counts[verdict.cls] += 1
         if verdict.defect:
             _note(defects, reader, verdict, done.key, raw)
         shutil.rmtree(done.work, ignore_errors=True)
+        if time.monotonic() - shown >= 10:  # a campaign runs for an hour: say where it is
+            shown = time.monotonic()
+            print(f"{reader.name}: {sum(counts.values())}/{n} {dict(counts)}", file=sys.stderr, flush=True)
     return ReaderResult(reader.name, counts, time.monotonic() - began)
 
 
