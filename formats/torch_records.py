@@ -216,6 +216,8 @@ def _rebuild_tensor_v3(u, storage, storage_offset, size, stride, requires_grad, 
                        metadata=None):
     code = dtype.dtype if isinstance(dtype, Tag) and dtype.kind == "dtype" else None
     problem = None if code else f"its dtype is {shown(dtype)}, not a torch dtype"
+    if requires_grad is True and not problem:  # torch makes it with requires_grad, then set_() fails on it
+        problem = "it is rebuilt by _rebuild_tensor_v3 with requires_grad, which torch.load cannot build"
     return _record(u, storage, storage_offset, size, stride, code, requires_grad, metadata, problem)
 
 

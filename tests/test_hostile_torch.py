@@ -212,6 +212,21 @@ def test_tensor_given_to_a_skipped_type_is_refused(tmp_path):
     refused(src, tmp_path, "numpy.dtype(", "refuse")
 
 
+def test_v3_rebuild_that_requires_grad_is_refused(tmp_path):
+    """torch.save writes float8 through _rebuild_tensor_v3; with requires_grad set, torch.load
+    fails (it makes the tensor requiring grad, then set_() on it): prebake refuses it too."""
+    base = saved(tmp_path, {"f8": torch.zeros(4, dtype=torch.float8_e4m3fn)})
+    with zipfile.ZipFile(base) as z:
+        pkl = z.read(member(base, "data.pkl"))
+    ops = [pos for op, _, pos in pickletools.genops(pkl) if op.name == "NEWFALSE"]
+    assert len(ops) == 1
+    flipped = pkl[:ops[0]] + b"\x88" + pkl[ops[0] + 1:]  # NEWTRUE: requires_grad=True
+    src = rewrite(base, tmp_path / "grad.pt", replace={"data.pkl": flipped})
+    with pytest.raises(RuntimeError, match="in-place"):
+        torch.load(src)
+    refused(src, tmp_path, "'f8'", "requires_grad")
+
+
 def test_skipped_type_called_as_it_cannot_be_is_refused(tmp_path):
     """argparse.Namespace(1, 2): torch.load fails on the call; the file must not bake."""
     import argparse
