@@ -192,16 +192,17 @@ def _plain_rows_ok(rows: list[TensorEntry], shards: list) -> bool:
     except TypeError:  # an unhashable dtype
         return False
     counts = np.array([_numel_or_minus(x) for x in shapes], dtype=object)
-    try:
+    try:  # a value past int64 (a row's or a shard's) takes the slow path, which names it
         shard, offset, nbytes = (np.array(c, dtype=np.int64) for c in (shard, offset, nbytes))
+        starts = np.array([s["data_offset"] for s in shards], dtype=np.int64)
+        ends = np.array([s["size"] for s in shards], dtype=np.int64)
     except OverflowError:
         return False
     if (shard < 0).any() or (shard >= len(shards)).any() or (counts < 0).any() or \
             not ((offset >= 0) & (offset < 1 << 62) & (nbytes >= 0) & (nbytes < 1 << 62)).all():
         return False  # (below 2**62 each, offset + nbytes cannot overflow)
     itemsize = np.array([DTYPE_SIZES[d] for d in dtypes], dtype=object)
-    starts = np.array([s["data_offset"] for s in shards], dtype=np.int64)[shard]
-    ends = np.array([s["size"] for s in shards], dtype=np.int64)[shard]
+    starts, ends = starts[shard], ends[shard]
     return bool((counts * itemsize == nbytes.astype(object)).all() and (offset >= starts).all()
                 and (offset + nbytes <= ends).all() and (offset % itemsize.astype(np.int64) == 0).all())
 

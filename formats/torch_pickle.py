@@ -249,6 +249,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         if fn is not None:
             return Allowed(fn, qualname, self)
         if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
+            if name == "UntypedStorage" and module != "torch.storage":
+                # torch.save spells it torch.storage.UntypedStorage; torch's weights-only loader
+                # refuses any other spelling, and so does prebake
+                raise FormatError(f"the pickle names {qualname}, which torch.save never writes "
+                                  "(torch.storage.UntypedStorage); torch.load(weights_only=True) refuses it")
             return Tag(qualname, "storage", STORAGE_DTYPES[name])
         if module == "torch" and name in TORCH_DTYPES:
             return Tag(qualname, "dtype", TORCH_DTYPES[name])

@@ -28,6 +28,8 @@ def flatten(obj, budget: int) -> tuple[list[tuple[str, TensorRecord]], list[tupl
     Dicts are always entered; lists and tuples only when a tensor lies somewhere inside them
     (``"history": [1.0, 0.5]`` stays one leaf). ``budget`` bounds the bytes of names made.
     """
+    if not isinstance(obj, (dict, list, tuple, TensorRecord)):  # a pickle whose result is a function, ...
+        raise FormatError(f"the checkpoint holds {_kind(obj)}, not a state dict or a tensor: nothing to bake")
     holds = _Holders()
     tensors: list[tuple[str, TensorRecord]] = []
     leaves: list[tuple[str, str]] = []

@@ -227,6 +227,21 @@ def test_v3_rebuild_that_requires_grad_is_refused(tmp_path):
     refused(src, tmp_path, "'f8'", "requires_grad")
 
 
+def test_a_checkpoint_that_is_no_container_is_refused(tmp_path):
+    """A pickle whose result is a function (or any value that is not a dict, list, tuple or tensor)."""
+    src = rewrite(saved(tmp_path, {}), tmp_path / "bad.pt", replace={"data.pkl": dumps(torch._utils._rebuild_tensor_v2)})
+    refused(src, tmp_path, "torch._utils._rebuild_tensor_v2", "nothing to bake")
+
+
+def test_untyped_storage_spelled_as_torch_save_never_does(tmp_path):
+    src = with_pickle(tmp_path, {"w": tensor(storage=Storage(kind=torch.UntypedStorage, numel=64))})
+    data = src.read_bytes()
+    assert b"torch.storage\nUntypedStorage" in data  # how pickle spells the class: rewrite it
+    spelled = with_pickle(tmp_path, dumps({"w": tensor(storage=Storage(kind=torch.UntypedStorage, numel=64))})
+                          .replace(b"ctorch.storage\nUntypedStorage", b"ctorch\nUntypedStorage"), "spelled.pt")
+    refused(spelled, tmp_path, "torch.UntypedStorage", "weights_only")
+
+
 def test_skipped_type_called_as_it_cannot_be_is_refused(tmp_path):
     """argparse.Namespace(1, 2): torch.load fails on the call; the file must not bake."""
     import argparse
