@@ -39,10 +39,17 @@ CLASSES = FINE + DEFECTS
 
 # (reader, pattern on the reference's refusal, why prebake may still read the file)
 EXPLAINED: list[tuple[str, str, str]] = [
-    (reader, r"torch\.load: UnpicklingError: Unsupported operand",
-     "torch's weights-only unpickler reads a subset of pickle's opcodes (no LIST, DICT, INST...); Python's "
-     "unpickler, under prebake's allow-list, reads them all and builds the same containers")
+    (reader, pattern, why)
     for reader in ("torch-zip", "torch-pickle", "torch-legacy")
+    for pattern, why in (
+        (r"torch\.load: UnpicklingError: Unsupported operand",
+         "torch's weights-only unpickler reads a subset of pickle's opcodes (no LIST, DICT, INST...); Python's "
+         "unpickler, under prebake's allow-list, reads them all and builds the same containers"),
+        (r"torch\.load: UnpicklingError: Can only SETITEMS? for dict",
+         "torch's weights-only unpickler refuses SETITEMS on anything but a dict; in Python's unpickler an empty "
+         "SETITEMS is a no-op on any object (a non-empty one on a non-dict fails: a clean refusal), the standard "
+         "meaning the README documents"),
+    )
 ]
 
 
