@@ -196,6 +196,8 @@ def _opaque(qualname: str) -> type:
 
 
 _NUMPY_DTYPE = re.compile(r"[?bBhHiIlLqQpPefdgFDGSUVOMmuic]\d{0,8}(\[\w+\])?")  # what dtype.__reduce__ writes
+
+
 def _first_argument_ok(qualname: str, arg) -> bool:
     """numpy's pickled calls, checked as numpy would: dtype('f8'), scalar(dtype, bytes),
     _reconstruct(ndarray, ...)."""
