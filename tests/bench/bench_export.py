@@ -4,19 +4,19 @@ Run ``python -m tests.bench export``. On the ~1.8 GB bf16 bench checkpoint (with
 SentencePiece tokenizer added, which both converters read), one run each, same threads
 (``PREBAKE_BENCH_THREADS``, default 1: prebake's quantizers use one core):
 
-- prebake: ``prebake convert SRC OUT --quant q4_k_m`` then ``prebake export OUT FILE.gguf``;
-- llama.cpp, when ``LLAMA_CPP_DIR`` names a checkout with ``convert_hf_to_gguf.py`` and a built
-  ``llama-quantize`` (``build/bin/``): ``convert_hf_to_gguf.py SRC --outtype bf16`` then
-  ``llama-quantize BF16.gguf Q4_K_M.gguf Q4_K_M THREADS`` (this venv's python runs the converter:
-  it needs torch, transformers, sentencepiece, all here).
+- prebake: ``prebake convert SRC OUT --quant q4_k_m --quant-embeddings --workers THREADS`` then
+  ``prebake export OUT FILE.gguf``;
+- llama.cpp (``LLAMA_CPP_DIR``, else the build :mod:`tests.bench.llama_cpp` makes once):
+  ``convert_hf_to_gguf.py SRC --outtype bf16`` then ``llama-quantize BF16.gguf Q4_K_M.gguf
+  Q4_K_M THREADS`` (this venv's python runs the converter, with the gguf-py of its commit: it
+  needs torch, transformers, sentencepiece, all here).
 
 Prints wall time and peak anonymous memory (RssAnon) of each step and in all, and compares the
 two files tensor by tensor: every tensor both quantize to one type, byte for byte. Without
 llama.cpp it prints prebake's side and says what it skipped.
 
-Then, when llama-cpp-python is importable (``pip install llama-cpp-python``; PyPI ships only its
-source, so this bench does not install it), a tiny float Llama exported by prebake runs in
-llama.cpp and its logits are compared with transformers'.
+Then a tiny float Llama exported by prebake runs in llama.cpp (llama-cpp-python: installed, or
+the sdist's package over the library built here) and its logits are compared with transformers'.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from tests.bench.common import WORK, big_checkpoint, run_timed, table
+from tests.bench.llama_cpp import checkout, import_llama_cpp, quantize_tool
 
 THREADS = int(os.environ.get("PREBAKE_BENCH_THREADS", "1"))
 
@@ -44,8 +45,11 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     prebake = str(Path(sys.executable).parent / "prebake")
+    # --quant-embeddings: token_embd in Q4_K too, as llama-quantize's Q4_K_M has it (prebake's default keeps
+    # embeddings in float for the Python side, where a lookup of packed rows gains nothing)
     steps = {"prebake convert --quant q4_k_m": run_timed([prebake, "convert", str(src), str(work / "baked"),
-                                                          "--quant", "q4_k_m", "-q"], env),
+                                                          "--quant", "q4_k_m", "--quant-embeddings",
+                                                          "--workers", str(THREADS), "-q"], env),
              "prebake export": run_timed([prebake, "export", str(work / "baked"), str(work / "prebake.gguf"), "-q"],
                                          env)}
     rows = _rows(steps, "prebake")
@@ -76,18 +80,19 @@ def _size(src: Path) -> str:
 
 
 def _llama_cpp(src: Path, work: Path, env: dict) -> dict | None:
-    """llama.cpp's route, timed; None (with a message) when LLAMA_CPP_DIR has no built llama-quantize."""
-    root = os.environ.get("LLAMA_CPP_DIR")
-    quantize = next((p for p in (Path(root or "/nonexistent") / "build" / "bin" / "llama-quantize",
-                                 Path(root or "/nonexistent") / "llama-quantize") if p.is_file()), None)
-    convert = Path(root or "/nonexistent") / "convert_hf_to_gguf.py"
-    if not root or quantize is None or not convert.is_file():
-        print("\nllama.cpp's route skipped: set LLAMA_CPP_DIR to a llama.cpp checkout with convert_hf_to_gguf.py "
-              "and a built llama-quantize (cmake -B build && cmake --build build --target llama-quantize)")
+    """llama.cpp's route, timed; None (with a message) when there is no llama.cpp to run."""
+    root = checkout()
+    quantize = quantize_tool(root) if root else None
+    if root is None or quantize is None or not (root / "convert_hf_to_gguf.py").is_file():
+        print("\nllama.cpp's route skipped: no llama.cpp build (set LLAMA_CPP_DIR to a checkout with "
+              "convert_hf_to_gguf.py and a built llama-quantize, or let the bench build one)")
         return None
+    # the converter with the gguf-py of its own commit, as llama.cpp's requirements install it
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "gguf-py"), env.get("PYTHONPATH")]))}
     bf16, out = work / "llama.cpp-bf16.gguf", work / "llama.cpp-q4_k_m.gguf"
     steps = {"convert_hf_to_gguf.py --outtype bf16": run_timed(
-                 [sys.executable, str(convert), str(src), "--outfile", str(bf16), "--outtype", "bf16"], env),
+                 [sys.executable, str(root / "convert_hf_to_gguf.py"), str(src), "--outfile", str(bf16),
+                  "--outtype", "bf16"], env),
              "llama-quantize Q4_K_M": run_timed([str(quantize), str(bf16), str(out), "Q4_K_M", str(THREADS)], env)}
     bf16.unlink()
     return steps
@@ -114,11 +119,9 @@ def _compare(ours: Path, theirs: Path) -> None:
 
 def _llama_cpp_logits() -> None:
     """A tiny float Llama exported by prebake, run in llama.cpp (llama-cpp-python), against transformers."""
-    try:
-        import llama_cpp
-    except ImportError:
-        print("\nllama.cpp logits check skipped: llama-cpp-python is not installed (pip install llama-cpp-python; "
-              "PyPI has only its source, so it builds llama.cpp)")
+    llama_cpp = import_llama_cpp()
+    if llama_cpp is None:
+        print("\nllama.cpp logits check skipped: neither llama-cpp-python nor a libllama built by this bench")
         return
     import numpy as np
     import torch
@@ -136,12 +139,23 @@ def _llama_cpp_logits() -> None:
         tokens = [5, 17, 99, 3, 250, 11, 42, 7, 100, 64]
         with torch.no_grad():
             want = model(torch.tensor([tokens])).logits[0].numpy()
-        llm = llama_cpp.Llama(str(Path(tmp) / "llama.gguf"), logits_all=True, n_ctx=64, verbose=False)
+        llm = llama_cpp.Llama(str(Path(tmp) / "llama.gguf"), logits_all=True, n_ctx=64, verbose=False,
+                              type_k=0, type_v=0)  # an F32 KV cache: float tolerance, not f16's
         llm.eval(tokens)
         got = np.asarray(llm.scores[:len(tokens)], np.float32)
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(folder)
+        same = [llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text, add_special_tokens=False)
+                for text in SENTENCES]
     err = float(np.abs(got - want).max())
     print(f"\nllama.cpp ({llama_cpp.__version__}) ran prebake's f32 GGUF of a tiny Llama: max |logits - "
-          f"transformers'| = {err:.2e} (logits up to {float(np.abs(want).max()):.2f})")
+          f"transformers'| = {err:.2e} (logits up to {float(np.abs(want).max()):.2f}); its tokenizer gave "
+          f"transformers' ids for {sum(same)} of {len(same)} sentences")
+
+
+SENTENCES = ["Hello world, the quick brown fox.", "  two spaces and\nnew lines\n\n", "caf\u00e9 na\u00efve \u65e5\u672c 123456",
+             "<|im_start|>user\nhi<|im_end|>"]
 
 
 if __name__ == "__main__":
