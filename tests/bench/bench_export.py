@@ -2,7 +2,8 @@
 
 Run ``python -m tests.bench export``. On the ~1.8 GB bf16 bench checkpoint (with a small
 SentencePiece tokenizer added, which both converters read), one run each, same threads
-(``PREBAKE_BENCH_THREADS``, default 1: prebake's quantizers use one core):
+(``PREBAKE_BENCH_THREADS``, default 1), interleaved, medians of ``PREBAKE_BENCH_REPEAT`` (5; two
+minutes a pair on 2 cores):
 
 - prebake: ``prebake convert SRC OUT --quant q4_k_m --quant-embeddings --workers THREADS`` then
   ``prebake export OUT FILE.gguf``;
@@ -27,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.bench.common import WORK, big_checkpoint, run_timed, table
+from tests.bench.common import REPEAT, WORK, big_checkpoint, median, run_timed, table
 from tests.bench.llama_cpp import checkout, import_llama_cpp, quantize_tool
 
 THREADS = int(os.environ.get("PREBAKE_BENCH_THREADS", "1"))
@@ -45,33 +46,45 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     prebake = str(Path(sys.executable).parent / "prebake")
-    # --quant-embeddings: token_embd in Q4_K too, as llama-quantize's Q4_K_M has it (prebake's default keeps
-    # embeddings in float for the Python side, where a lookup of packed rows gains nothing)
-    steps = {"prebake convert --quant q4_k_m": run_timed([prebake, "convert", str(src), str(work / "baked"),
-                                                          "--quant", "q4_k_m", "--quant-embeddings",
-                                                          "--workers", str(THREADS), "-q"], env),
-             "prebake export": run_timed([prebake, "export", str(work / "baked"), str(work / "prebake.gguf"), "-q"],
-                                         env)}
-    rows = _rows(steps, "prebake")
-    theirs = _llama_cpp(src, work, env)
+    ours, theirs, llama = [], [], True
+    for _ in range(REPEAT):  # interleaved runs; medians
+        ours.append(_prebake(prebake, src, work, env))
+        if llama:
+            theirs.append(_llama_cpp(src, work, env))
+            llama = theirs[-1] is not None
+    theirs = theirs if llama else []
+    rows = _rows(ours, "prebake") + (_rows(theirs, "llama.cpp") if theirs else [])
+    print(table(f"Q4_K_M GGUF of a {_size(src)} bf16 Llama, {THREADS} thread(s), median of {len(ours)}", rows,
+                ("step", "wall", "peak RssAnon")))
     if theirs:
-        rows += _rows(theirs, "llama.cpp")
-        ours, ref = sum(w for w, _ in steps.values()), sum(w for w, _ in theirs.values())
-        print(table(f"Q4_K_M GGUF of a {_size(src)} bf16 Llama, {THREADS} thread(s)", rows,
-                    ("step", "wall", "peak RssAnon")))
-        print(f"prebake end to end: {ref / ours:.2f}x llama.cpp's speed")
+        each = ", ".join(f"{_total(b) / _total(a):.2f}x" for a, b in zip(ours, theirs, strict=True))
+        print(f"prebake end to end: {median([_total(r) for r in theirs]) / median([_total(r) for r in ours]):.2f}x "
+              f"llama.cpp's speed (each run: {each})")
         _compare(work / "prebake.gguf", work / "llama.cpp-q4_k_m.gguf")
-    else:
-        print(table(f"Q4_K_M GGUF of a {_size(src)} bf16 Llama, {THREADS} thread(s)", rows,
-                    ("step", "wall", "peak RssAnon")))
     _llama_cpp_logits()
     shutil.rmtree(work / "baked", ignore_errors=True)
 
 
-def _rows(steps: dict, who: str) -> list[tuple]:
-    rows = [(name, f"{wall:.1f} s", f"{peak:.0f} MiB") for name, (wall, peak) in steps.items()]
-    rows.append((f"{who}, in all", f"{sum(w for w, _ in steps.values()):.1f} s",
-                 f"{max(p for _, p in steps.values()):.0f} MiB"))
+def _prebake(prebake: str, src: Path, work: Path, env: dict) -> dict:
+    """prebake's route, timed. --quant-embeddings: token_embd in Q4_K too, as llama-quantize's Q4_K_M has it
+    (prebake's default keeps embeddings in float for the Python side, where a lookup of packed rows gains nothing)."""
+    shutil.rmtree(work / "baked", ignore_errors=True)
+    return {"prebake convert --quant q4_k_m": run_timed([prebake, "convert", str(src), str(work / "baked"),
+                                                         "--quant", "q4_k_m", "--quant-embeddings",
+                                                         "--workers", str(THREADS), "-q", "--force"], env),
+            "prebake export": run_timed([prebake, "export", str(work / "baked"), str(work / "prebake.gguf"), "-q"],
+                                        env)}
+
+
+def _total(steps: dict) -> float:
+    return sum(wall for wall, _ in steps.values())
+
+
+def _rows(runs: list[dict], who: str) -> list[tuple]:
+    rows = [(name, f"{median([r[name][0] for r in runs]):.1f} s", f"{max(r[name][1] for r in runs):.0f} MiB")
+            for name in runs[0]]
+    rows.append((f"{who}, in all", f"{median([_total(r) for r in runs]):.1f} s",
+                 f"{max(p for r in runs for _, p in r.values()):.0f} MiB"))
     return rows
 
 

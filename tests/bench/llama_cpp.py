@@ -40,6 +40,7 @@ def checkout() -> Path | None:
 
 
 def quantize_tool(root: Path) -> Path | None:
+    """The built ``llama-quantize`` of the checkout ``root`` (cmake's ``build/bin``, or beside the sources)."""
     return next((p for p in (root / "build" / "bin" / "llama-quantize", root / "llama-quantize") if p.is_file()), None)
 
 
@@ -51,8 +52,9 @@ def import_llama_cpp():
         return llama_cpp
     except ImportError:
         pass
-    named = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
-    package = named.parents[1] if (named.parents[1] / "llama_cpp").is_dir() else _unpacked()
+    named = Path(os.environ.get("LLAMA_CPP_DIR", "")).resolve().parents
+    # LLAMA_CPP_DIR inside an unpacked sdist (.../vendor/llama.cpp): that sdist's package
+    package = named[1] if len(named) > 1 and (named[1] / "llama_cpp").is_dir() else _unpacked()
     lib = package / "vendor" / "llama.cpp" / "build" / "bin" if package else None
     if lib is None or not any(lib.glob("libllama.so*")):
         return None
