@@ -5,6 +5,9 @@ token types, chat template), built here once (``build/bench/gguf``) the way llam
 - bake time of ``prebake convert --keep-quant`` (whole process, data on disk) against ``cp`` +
   ``sync`` of the file (target >= 0.9x), and of the dequantizing bake (float32, what
   transformers' route yields); peak anonymous memory of each;
+- the same bake as a ``convert()`` call in a process that imported its modules before the clock
+  (the guide's rule for every side), Hugging Face and GGUF names: what is left once imports are
+  a cost of the process, not of the bake;
 - planning time (parse, name map, plan: what passes before the progress bar counts bytes);
 - ``from_pretrained(OUT)`` (float bake; packed bake through ``import prebake.cache.hf``) against
   ``from_pretrained(folder, gguf_file=...)`` on the same file, fresh process each, the call alone
@@ -15,6 +18,7 @@ token types, chat template), built here once (``build/bench/gguf``) the way llam
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -101,26 +105,34 @@ def bench_bake() -> tuple[list, dict]:
     copy = BENCH / "copy.gguf"
     GGUF.read_bytes()  # warm the page cache for every side
     rows, facts = [], {}
-    runs = {"copy": [], "keep": [], "gguf": [], "float": [], "inproc": []}
+    runs = {"copy": [], "keep": [], "gguf": [], "float": [], "inproc": [], "inproc-gguf": []}
     for _ in range(REPEAT):
+        # each run starts with no dirty pages of the one before it waiting to be written (a float bake
+        # writes 2.4 GB): os.sync() outside the clock, before every side alike
         copy.unlink(missing_ok=True)
+        os.sync()
         runs["copy"].append(run_timed(["sh", "-c", f'cp --reflink=never "{GGUF}" "{copy}" && sync "{copy}"']))
         for kind, extra in (("keep", ["--keep-quant"]), ("gguf", ["--keep-quant", "--names", "gguf"]), ("float", [])):
             out = BENCH / f"baked-{kind}"
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()
             runs[kind].append(run_timed([prebake, "convert", str(GGUF), str(out), "-q", *extra]))
-        shutil.rmtree(BENCH / "baked-inproc", ignore_errors=True)
-        runs["inproc"].append((python_timing(INPROC.format(src=str(GGUF), out=str(BENCH / "baked-inproc")))["s"], 0))
+        for kind, names in (("inproc", "hf"), ("inproc-gguf", "gguf")):
+            shutil.rmtree(BENCH / "baked-inproc", ignore_errors=True)
+            os.sync()
+            code = INPROC.format(src=str(GGUF), out=str(BENCH / "baked-inproc"), names=names)
+            runs[kind].append((python_timing(code)["s"], 0))
     copy.unlink(missing_ok=True)
     size = GGUF.stat().st_size / 1e9
     for kind, label in (("copy", "cp + sync"), ("keep", "prebake convert --keep-quant"),
                         ("gguf", "  the same, --names gguf (no transformers)"),
                         ("float", "prebake convert (dequantize to float32)"),
-                        ("inproc", "convert(keep_quant) call, modules imported before the clock")):
+                        ("inproc", "convert(keep_quant) call, modules imported before the clock"),
+                        ("inproc-gguf", "  the same call, names='gguf'")):
         wall, peak = median([r[0] for r in runs[kind]]), median([r[1] for r in runs[kind]])
         facts[kind] = wall
         rows.append((label, f"{wall:.2f} s", f"{size / wall:.2f} GB/s",
-                     f"{peak:.0f} MiB" if kind not in ("copy", "inproc") else "-"))
+                     f"{peak:.0f} MiB" if kind not in ("copy", "inproc", "inproc-gguf") else "-"))
     shutil.rmtree(BENCH / "baked-inproc", ignore_errors=True)
     plan = python_timing("import json, time\nt = time.perf_counter()\nfrom prebake.convert.bake import prepare\n"
                          f"p = prepare({str(GGUF)!r}, __import__('prebake.convert.plan').convert.plan.Options())\n"
@@ -135,7 +147,7 @@ INPROC = ("import json, time, torch, transformers\nfrom prebake.convert.bake imp
           "from prebake.convert.plan import Options\nimport transformers.integrations.gguf\n"
           "transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(vocab_size=64, hidden_size=64, "
           "intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
-          "start = time.perf_counter()\nconvert({src!r}, {out!r}, Options(keep_quant=True))\n"
+          "start = time.perf_counter()\nconvert({src!r}, {out!r}, Options(keep_quant=True, names={names!r}))\n"
           "print(json.dumps({{'s': time.perf_counter() - start}}))")
 
 # Imports and transformers' lazy module loading are a one-time cost of the process, not of the load:
@@ -178,7 +190,8 @@ def main() -> None:
     print(table(f"bake a {size:.0f} MiB Q8_0 GGUF, {vocab} tokens (median of {REPEAT}, whole process, data on disk)",
                 rows, ("what", "time", "throughput", "peak RssAnon")))
     print(f"--keep-quant bake / copy throughput: {f['copy'] / f['keep']:.2f}x (target >= 0.9x; --names gguf "
-          f"{f['copy'] / f['gguf']:.2f}x; the call with its modules imported {f['copy'] / f['inproc']:.2f}x); "
+          f"{f['copy'] / f['gguf']:.2f}x; the call with its modules imported {f['copy'] / f['inproc']:.2f}x, "
+          f"names='gguf' {f['copy'] / f['inproc-gguf']:.2f}x); "
           f"planning (imports, parse, map, plan) {f['plan']:.2f} s")
     rows, t = bench_load()
     print(table("load (fresh process each; the call alone, imports apart)", rows, ("loader", "time")))
