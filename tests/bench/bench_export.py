@@ -1,9 +1,9 @@
 """Issue 14: a Q4_K_M GGUF by prebake (convert --quant + export) against llama.cpp's own route.
 
 Run ``python -m tests.bench export``. On the ~1.8 GB bf16 bench checkpoint (with a small
-SentencePiece tokenizer added, which both converters read), one run each, same threads
-(``PREBAKE_BENCH_THREADS``, default 1), interleaved, medians of ``PREBAKE_BENCH_REPEAT`` (5; two
-minutes a pair on 2 cores):
+SentencePiece tokenizer added, which both converters read), the same threads on each side
+(``PREBAKE_BENCH_THREADS``, default 1), the two routes run in turn ``PREBAKE_BENCH_REPEAT`` times
+(5; two minutes a pair on 2 cores) and their medians compared:
 
 - prebake: ``prebake convert SRC OUT --quant q4_k_m --quant-embeddings --workers THREADS`` then
   ``prebake export OUT FILE.gguf``;
@@ -17,7 +17,8 @@ two files tensor by tensor: every tensor both quantize to one type, byte for byt
 llama.cpp it prints prebake's side and says what it skipped.
 
 Then a tiny float Llama exported by prebake runs in llama.cpp (llama-cpp-python: installed, or
-the sdist's package over the library built here) and its logits are compared with transformers'.
+the sdist's package over the library built here): its logits are compared with transformers', and
+llama.cpp's tokenizer, reading the exported vocabulary, with transformers' on a few sentences.
 """
 
 from __future__ import annotations
