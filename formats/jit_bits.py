@@ -23,6 +23,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from .ggml_codec import F32, MAGIC
+from .jit_cache import check
 
 ZERO = F32(0)
 ONE = F32(1)
@@ -35,6 +36,7 @@ INF_BITS = 0x7F800000  # magnitude bits at and above this are infinity or NaN
 
 OK, AMBIGUOUS = -1, -2
 JIT = {"cache": True, "nogil": True, "error_model": "numpy"}  # numpy: x/0 is inf/NaN, as in C; nogil: workers in threads run at once
+check(JIT)  # cached kernels compiled from other sources or flags than these are dropped (jit_cache says why)
 _I32 = ir.IntType(32)
 
 
