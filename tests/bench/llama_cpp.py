@@ -14,6 +14,7 @@ one build serves the comparison and the logits check, from one llama.cpp commit.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -107,6 +108,9 @@ def _source() -> Path | None:
 
 def _build(root: Path) -> None:
     """cmake: llama-quantize and the shared libllama (CPU, native), nothing else."""
+    if shutil.which("cmake") is None:
+        print("llama.cpp: cmake is not installed (apt install cmake g++); its route is skipped")
+        return
     print(f"llama.cpp: building {', '.join(TARGETS)} in {root / 'build'} (once; about 5 minutes on 2 cores)",
           flush=True)
     options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_OPENSSL=OFF",
