@@ -166,6 +166,9 @@ class Opaque:
         if args and not _first_argument_ok(self.qualname, args[0]):
             raise FormatError(f"the pickle calls {self.qualname}({shown(args[0])}, ...), which numpy would refuse "
                               "(torch.load fails on it too)")
+        if not _torch_call_ok(self.qualname, args):
+            raise FormatError(f"the pickle calls {self.qualname}({', '.join(shown(a) for a in args)}), which torch "
+                              "refuses (torch.load fails on it too)")
         self._refuse_tensors(args)
         self.args = args
 
@@ -208,6 +211,26 @@ def _first_argument_ok(qualname: str, arg) -> bool:
         return isinstance(arg, Opaque) and arg.qualname == "numpy.dtype"
     if name == "_reconstruct":
         return isinstance(arg, type) and issubclass(arg, Opaque) and arg.qualname == "numpy.ndarray"
+    return True
+
+
+def _torch_call_ok(qualname: str, args: tuple) -> bool:
+    """torch's own value types, checked by building them: ``torch.device`` parses a device string
+    (and, on a machine without an accelerator, refuses a bare index, as torch.load then does);
+    ``TorchVersion`` is a ``str``. Neither runs anything of the pickle's: the arguments are
+    plain values or prebake's inert records."""
+    if qualname == "torch.device":
+        import torch
+
+        try:
+            torch.device(*args)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+    elif qualname == "torch.torch_version.TorchVersion":
+        try:
+            str(*args)
+        except (TypeError, ValueError, LookupError):
+            return False
     return True
 
 

@@ -252,6 +252,33 @@ def test_skipped_type_called_as_it_cannot_be_is_refused(tmp_path):
     refused(src, tmp_path, "argparse.Namespace() with 2 arguments")
 
 
+@pytest.mark.parametrize("args", [("PWNED", "w"), ("cuda:0", 1), ("nope",), ("cuda", -1)])
+def test_torch_device_called_as_torch_refuses_is_refused(tmp_path, args):
+    """torch.device('PWNED', 'w') (found by the fuzz campaign, seed 1): torch.load fails on it."""
+    src = with_pickle(tmp_path, {"w": tensor(), "where": Call(torch.device, *args)})
+    with pytest.raises((TypeError, RuntimeError)):
+        torch.load(src, weights_only=True)
+    refused(src, tmp_path, "torch.device(", "torch refuses")
+
+
+def test_torch_device_and_version_as_torch_builds_them_bake(tmp_path):
+    """TorchVersion is a skipped value type (torch.load needs it allowed: safe_globals)."""
+    from torch.torch_version import TorchVersion
+
+    src = with_pickle(tmp_path, {"w": tensor(), "where": torch.device("cuda", 1),
+                                 "cpu": Call(torch.device, "cpu", None)})
+    assert torch_load(src) is not None
+    convert(src, tmp_path / "devices")
+    good = with_pickle(tmp_path, {"w": tensor(), "v": TorchVersion("2.1")}, "good.pt")
+    bad = with_pickle(tmp_path, {"w": tensor(), "v": Call(TorchVersion, 1, "utf-8")}, "bad.pt")
+    with torch.serialization.safe_globals([TorchVersion]):
+        torch.load(good, weights_only=True)
+        with pytest.raises(TypeError):
+            torch.load(bad, weights_only=True)
+    convert(good, tmp_path / "good")
+    refused(bad, tmp_path, "TorchVersion(", "torch refuses")
+
+
 def test_zip_with_bytes_after_its_end_record_is_refused(tmp_path):
     """torch's reader fails on some archive comments and appended bytes; torch.save writes neither."""
     base = saved(tmp_path)
