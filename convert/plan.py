@@ -15,6 +15,7 @@ from prebake.convert.tp_plan import tp_split
 from prebake.formats.errors import FormatError, UnsupportedError, UsageError
 from prebake.formats.ggml_types import blocks_shape
 from prebake.formats.manifest import PIECE
+from prebake.formats.manifest_checks import MAX_DIMS
 from prebake.formats.safetensors_writer import BIG_TENSOR, PAD_PREFIX, Slot, header_bytes, place
 from prebake.formats.tensor import DTYPE_SIZES, FLOAT_DTYPES, SkippedLeaf, TensorInfo, numel
 
@@ -241,6 +242,9 @@ def _unique(tensors: list[TensorInfo]) -> dict[str, TensorInfo]:
         if t.name.startswith(RESERVED):
             raise FormatError(f"tensor {t.name!r} has a name prebake reserves for its own padding entries "
                               f"({RESERVED}*); rename it in the checkpoint", t.path)
+        if len(t.shape) > MAX_DIMS:  # what a manifest holds, so what load_from_manifest reads back
+            raise UnsupportedError(f"tensor {t.name!r} has {len(t.shape)} dimensions; a bake holds at most "
+                                   f"{MAX_DIMS}", t.path)
         by_name[t.name] = t
     return by_name
 

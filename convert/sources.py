@@ -84,7 +84,7 @@ def sniff(path: str) -> str:
         return "gguf"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle's PROTO opcode
         return "torch-legacy"
     if not head:
         raise FormatError("file is empty", path)

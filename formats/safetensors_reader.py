@@ -63,9 +63,13 @@ def _check_covered(tensors: list[TensorInfo], data_size: int, path: str) -> None
 
 def _describe(name: str, entry, mm, start: int, size: int, path: str) -> TensorInfo:
     try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-    except (KeyError, TypeError, ValueError):
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError):
         raise FormatError(f"corrupt header entry for tensor {name!r}", path) from None
+    if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:  # as the reference's serde reads them
+        raise FormatError(f"corrupt header entry for tensor {name!r} (shape and data_offsets must be JSON lists, "
+                          "data_offsets of two)", path)
+    shape, (begin, end) = tuple(shape), offsets
     if not (isinstance(dtype, str) and all(type(d) is int and d >= 0 for d in shape)
             and type(begin) is int and type(end) is int):
         raise FormatError(f"corrupt header entry for tensor {name!r} (dtype, shape or offsets of the wrong type)",

@@ -279,6 +279,22 @@ def test_torch_device_and_version_as_torch_builds_them_bake(tmp_path):
     refused(bad, tmp_path, "TorchVersion(", "torch refuses")
 
 
+def test_more_dimensions_than_a_manifest_holds_are_refused_before_baking(tmp_path):
+    """torch takes 17 dimensions; a bake's manifest holds 16: refused up front, not baked unloadable."""
+    src = tmp_path / "deep.pt"
+    torch.save({"w": torch.zeros([1] * 17)}, src)
+    with pytest.raises(UnsupportedError, match="17 dimensions"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_one_byte_pickle_opcode_is_not_a_checkpoint(tmp_path):
+    src = tmp_path / "one.pt"
+    src.write_bytes(b"\x80")
+    with pytest.raises(UnsupportedError, match="not a recognised checkpoint"):
+        convert(src, tmp_path / "out")
+
+
 def test_zip_with_bytes_after_its_end_record_is_refused(tmp_path):
     """torch's reader fails on some archive comments and appended bytes; torch.save writes neither."""
     base = saved(tmp_path)
