@@ -120,7 +120,12 @@ def bench_bake() -> tuple[list, dict]:
         for kind, names in (("inproc", "hf"), ("inproc-gguf", "gguf")):
             shutil.rmtree(BENCH / "baked-inproc", ignore_errors=True)
             os.sync()
-            code = INPROC.format(src=str(GGUF), out=str(BENCH / "baked-inproc"), names=names)
+            # the bake as a call, its modules imported first as for the loads (LOAD): what is left is
+            # parsing, mapping, the tokenizer and the bytes
+            code = LOAD.format(imp="from prebake.convert.bake import convert\nfrom prebake.convert.plan import Options\n"
+                                   "import transformers.integrations.gguf",
+                               body=f"convert({str(GGUF)!r}, {str(BENCH / 'baked-inproc')!r}, "
+                                    f"Options(keep_quant=True, names={names!r}))")
             runs[kind].append((python_timing(code)["s"], 0))
     copy.unlink(missing_ok=True)
     size = GGUF.stat().st_size / 1e9
@@ -140,15 +145,6 @@ def bench_bake() -> tuple[list, dict]:
     facts["plan"] = plan["s"]
     return rows, facts
 
-
-# The bake as a call: torch, transformers and the model's modeling module imported first (a tiny model
-# of the class built), as for the loads below; what is left is parsing, mapping, the tokenizer and the bytes.
-INPROC = ("import json, time, torch, transformers\nfrom prebake.convert.bake import convert\n"
-          "from prebake.convert.plan import Options\nimport transformers.integrations.gguf\n"
-          "transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(vocab_size=64, hidden_size=64, "
-          "intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
-          "start = time.perf_counter()\nconvert({src!r}, {out!r}, Options(keep_quant=True, names={names!r}))\n"
-          "print(json.dumps({{'s': time.perf_counter() - start}}))")
 
 # Imports and transformers' lazy module loading are a one-time cost of the process, not of the load:
 # a tiny model of the same class is built first (every side gets that), then the call is timed.
