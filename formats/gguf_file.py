@@ -306,7 +306,35 @@ def _decode(buffer: np.ndarray, pos: int, type_id: int, what: str, path: str) ->
 
 
 def _decode_strings(view: memoryview, pos: int, count: int, what: str, path: str) -> tuple[list[str], int]:
-    """``count`` checked strings from ``pos`` as ``str``, and where they end."""
+    """``count`` checked strings from ``pos`` as ``str``, and where they end.
+
+    A vocabulary is 100k-300k strings: decoded one by one that is 1 us each. Here the lengths are
+    walked (0.15 us each), each length field is replaced by one NUL, and the whole run decodes and
+    splits at C speed. A string holding a NUL of its own (valid UTF-8, never seen in a vocabulary)
+    splits into one piece too many, and invalid UTF-8 fails to decode: either way the strings are
+    decoded one by one, which names the bad item.
+    """
+    starts, unpack = [], _U64.unpack_from
+    append, end = starts.append, pos
+    for _ in range(count):
+        append(end)
+        end += 8 + unpack(view, end)[0]
+    if count >= 64:
+        run = np.frombuffer(view, np.uint8, end - pos, pos).copy()
+        at = np.asarray(starts, np.int64) - pos
+        keep = np.ones(len(run), bool)
+        keep[(at[:, None] + np.arange(7)).ravel()] = False
+        run[at + 7] = 0
+        try:
+            pieces = run[keep].tobytes().decode("utf-8").split("\x00")
+        except UnicodeDecodeError:
+            pieces = []
+        if len(pieces) == count + 1:
+            return pieces[1:], end
+    return _decode_each(view, pos, count, what, path)
+
+
+def _decode_each(view: memoryview, pos: int, count: int, what: str, path: str) -> tuple[list[str], int]:
     out, unpack = [], _U64.unpack_from
     append = out.append
     try:

@@ -446,3 +446,28 @@ def test_single_byte_flips(tmp_path, small):
                 outcomes[_outcome(path, len(data))] += 1
     print(f"\n{header_end} bytes flipped: {outcomes}")
     assert outcomes["refused"] and outcomes["parsed"]
+
+
+def _strings_file(path: Path, tokens: list[bytes]) -> Path:
+    """A GGUF whose token list is ``tokens`` as raw bytes (any bytes: written by gguf-py as given)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_key_value("tokenizer.ggml.tokens", tokens, V.ARRAY, sub_type=V.STRING)
+    return _finish(w, path)
+
+
+def test_long_string_arrays_decode_like_gguf_py(tmp_path):
+    """The decoder's whole-run path (64 strings or more) gives gguf-py's strings: multi-byte
+    characters, empty strings, a string holding a NUL (decoded one by one) and long strings."""
+    tokens = [f"tök{i}".encode() for i in range(200)] + [b"", "日本語 🚀".encode(), b"a\x00b", b"x" * 70_000, b"\n"]
+    path = _strings_file(tmp_path / "strings.gguf", tokens)
+    assert open_gguf(path).fields["tokenizer.ggml.tokens"].value() == [t.decode() for t in tokens]
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents() == [t.decode() for t in tokens]
+
+
+@pytest.mark.parametrize("at", [0, 63, 150])
+def test_long_string_array_bad_utf8_names_the_item(tmp_path, at):
+    tokens = [f"tok{i}".encode() for i in range(200)]
+    tokens[at] = b"ok\xc3\x28"
+    path = _strings_file(tmp_path / "bad.gguf", tokens)
+    with pytest.raises(FormatError, match=f"'tokenizer.ggml.tokens' item {at} is not valid UTF-8"):
+        open_gguf(path).fields["tokenizer.ggml.tokens"].value()
