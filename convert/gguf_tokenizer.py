@@ -7,12 +7,16 @@ the chat template). prebake builds the same tokenizer class ``AutoTokenizer`` wo
 the model's config, from the same file, and saves it: ``tokenizer.json``,
 ``tokenizer_config.json`` (special tokens and their flags) and ``chat_template.jinja``. The
 steps that read the file are prebake's (:func:`tokenizer_inputs` says why); the config is given.
+A byte-level BPE runs that route on a sample of its vocabulary and has the whole vocabulary
+written in the sample's place (:mod:`prebake.convert.gguf_tokenizer_splice`: 0.8 s against
+2.6 s for 152k tokens, the same bytes).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from itertools import repeat
 from pathlib import Path
 
 from prebake.formats.errors import FormatError
@@ -27,34 +31,60 @@ def write_tokenizer(f: GGUFFile, config, folder: Path) -> list[Path]:
     """Saves ``f``'s tokenizer into ``folder``; returns the files written.
 
     The long string arrays are decoded (and checked as UTF-8) by prebake's parser, so a damaged
-    vocabulary is a :class:`FormatError` naming the file, as everywhere else.
+    vocabulary is a :class:`FormatError` naming the file, as everywhere else. A byte-level BPE
+    takes transformers' route on a sample of its vocabulary, extended to the whole by
+    :mod:`prebake.convert.gguf_tokenizer_splice` where the sample's output shows how; every other
+    vocabulary, and one whose sample shows anything else, takes the route whole.
     """
-    from transformers.integrations.gguf import convert_gguf_tokenizer
+    from prebake.convert import gguf_tokenizer_splice as splice
 
     architecture, tokenizer_dict, tokenizer_config = tokenizer_inputs(f)
+    cls = tokenizer_class(config)
     with _quiet(), tempfile.TemporaryDirectory(dir=folder) as tmp:
-        try:
-            backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
-            del tokenizer_dict
-            # handed over as a file, not an object (which the class deep-copies): one copy in memory at a time
-            backend.save(str(Path(tmp) / "backend.json"))
-            del backend
-            tokenizer = tokenizer_class(config)(tokenizer_file=str(Path(tmp) / "backend.json"), **tokenizer_config,
-                                                **extra)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # transformers' and tokenizers' (Rust: a panic is a BaseException)
-            # refusal of metadata no real file has; this file's, so one line, not a traceback
-            raise FormatError(f"transformers cannot build a tokenizer from this file's metadata ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); --names gguf bakes it without one",
-                              f.path) from None
-        (Path(tmp) / "backend.json").unlink()
-        out = []
-        for p in map(Path, tokenizer.save_pretrained(tmp)):
-            if p.is_file():
-                p.replace(folder / p.name)
-                out.append(folder / p.name)
-    return out
+        if splice.eligible(architecture, tokenizer_dict):
+            index = {token: i for i, token in enumerate(tokenizer_dict["tokens"])}
+            ids, merges = splice.sample_ids(tokenizer_dict, index)
+            del index
+            try:
+                paths = _route(f, architecture, splice.sample_dict(tokenizer_dict, ids, merges), tokenizer_config,
+                               cls, Path(tmp) / "sample")
+                texts = splice.splice({p.name: p.read_text(encoding="utf-8") for p in paths}, tokenizer_dict, ids,
+                                      merges)
+            except (splice.NotSpliceable, FormatError):
+                pass  # the whole route decides
+            else:
+                for name, pieces in texts.items():
+                    with open(folder / name, "w", encoding="utf-8") as out:
+                        out.writelines(pieces)
+                return [folder / name for name in texts]
+        paths = _route(f, architecture, tokenizer_dict, tokenizer_config, cls, Path(tmp) / "whole")
+        for p in paths:
+            p.replace(folder / p.name)
+        return [folder / p.name for p in paths]
+
+
+def _route(f: GGUFFile, architecture: str, tokenizer_dict: dict, tokenizer_config: dict, cls: type,
+           tmp: Path) -> list[Path]:
+    """transformers' GGUF tokenizer route: convert, build the class, ``save_pretrained`` into
+    ``tmp``; the files it wrote."""
+    from transformers.integrations.gguf import convert_gguf_tokenizer
+
+    tmp.mkdir()
+    try:
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        # handed over as a file, not an object (which the class deep-copies): one copy in memory at a time
+        backend.save(str(tmp / "backend.json"))
+        del backend
+        tokenizer = cls(tokenizer_file=str(tmp / "backend.json"), **tokenizer_config, **extra)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # transformers' and tokenizers' (Rust: a panic is a BaseException)
+        # refusal of metadata no real file has; this file's, so one line, not a traceback
+        raise FormatError(f"transformers cannot build a tokenizer from this file's metadata ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); --names gguf bakes it without one",
+                          f.path) from None
+    (tmp / "backend.json").unlink()
+    return [p for p in map(Path, tokenizer.save_pretrained(tmp)) if p.is_file()]
 
 
 def tokenizer_inputs(f: GGUFFile) -> tuple[str, dict, dict]:
@@ -96,11 +126,22 @@ def _check_vocabulary(f: GGUFFile, tokens: list, merges: list | None) -> None:
     vocab = set(tokens)
     if len(vocab) != len(tokens):
         raise FormatError(f"the vocabulary lists {len(tokens) - len(vocab)} token(s) twice", f.path)
-    for i, merge in enumerate(merges or ()):
+    if not merges or _merges_join_tokens(vocab, merges):
+        return
+    for i, merge in enumerate(merges):  # the first bad merge, for the message
         parts = merge.split(" ") if isinstance(merge, str) else ()
         if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
             raise FormatError(f"tokenizer.ggml.merges[{i}] ({merge!r}) is not a merge of two tokens of the "
                               "vocabulary into a third", f.path)
+
+
+def _merges_join_tokens(vocab: set, merges: list) -> bool:
+    """Every merge is ``"a b"`` (one space) with ``a``, ``b`` and ``ab`` in ``vocab``: the check as
+    whole-list string operations (150k merges: 0.05 s, against 0.35 s one by one)."""
+    if set(map(type, merges)) != {str} or list(map(str.count, merges, repeat(" "))).count(1) != len(merges):
+        return False
+    return vocab.issuperset(" ".join(merges).split(" ")) and \
+        vocab.issuperset(map(str.replace, merges, repeat(" "), repeat("")))
 
 
 SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
