@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 from prebake.formats.errors import UsageError
@@ -16,7 +17,9 @@ def _progress(args, desc: str, first: str | None = None):
     """A progress factory: called with the total bytes, it returns the bar's ``update``.
 
     With ``first``, the bar shows at once under that description (reading and planning a
-    source, before the total is known), and counts bytes under ``desc`` once it is.
+    source, before the total is known: seconds, for a GGUF mapped through transformers), its
+    clock ticking, and counts bytes under ``desc`` once it is. ``factory.stop()`` stops the
+    ticking should the total never come (an error).
     """
     from tqdm import tqdm
 
@@ -25,14 +28,26 @@ def _progress(args, desc: str, first: str | None = None):
                     disable=True if args.quiet or args.json else None, file=sys.stderr, leave=False)
 
     early = bar(None, first) if first else None
+    known = threading.Event()
+    if early is not None and not early.disable:
+        threading.Thread(target=_tick, args=(early, known), daemon=True).start()
 
     def factory(total: int):
+        known.set()
         if early is None:
             return bar(total, desc).update
         early.set_description(desc, refresh=False)
         early.reset(total=total)
         return early.update
+    factory.stop = known.set
     return factory
+
+
+def _tick(early, known: threading.Event) -> None:
+    """Redraws the bar (its elapsed time) twice a second until the total is known: tqdm redraws
+    only when it is updated, and planning updates nothing."""
+    while not known.wait(0.5):
+        early.refresh()
 
 
 def cmd_convert(args) -> dict:
@@ -53,8 +68,12 @@ def cmd_convert(args) -> dict:
         return summary
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, not {args.workers}")
-    m = convert(args.src, args.out, options, force=args.force, progress=_progress(args, "convert", "reading"),
-                variants=args.variant, workers=args.workers, ray=args.ray)
+    progress = _progress(args, "convert", "reading")
+    try:
+        m = convert(args.src, args.out, options, force=args.force, progress=progress, variants=args.variant,
+                    workers=args.workers, ray=args.ray)
+    finally:
+        progress.stop()
     quantized = sum(1 for t in m.tensors.values() if t.qtype or t.packed)
     result = {"out": str(Path(args.out).resolve()), "tensors": len(m.tensors), "quantized": quantized,
               "aliases": len(m.aliases),

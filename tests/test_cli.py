@@ -250,3 +250,42 @@ def test_cache_ls_shows_source_options_and_size(tmp_path, capsys, checkpoint, mo
     assert main(["cache", "ls"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any("--dtype BF16" in line for line in lines) and any("(defaults)" in line for line in lines)
+
+
+class _Terminal:
+    """A stand-in for a terminal's stderr: tqdm draws on it (it says it is a TTY, 80 columns)."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text.append(s)
+
+    def flush(self):
+        pass
+
+
+def test_progress_clock_ticks_while_planning(monkeypatch):
+    """Planning a GGUF through transformers takes seconds before the total is known: the early
+    bar is redrawn (its clock moving) until then, and no more after."""
+    import time
+    from types import SimpleNamespace
+
+    from prebake.convert.commands import _progress
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "80")
+    factory = _progress(SimpleNamespace(quiet=False, json=False), "convert", "reading")
+    time.sleep(1.3)
+    draws = sum("reading" in s for s in terminal.text)
+    assert draws >= 3, terminal.text
+    update = factory(100)
+    update(50)
+    time.sleep(0.7)
+    after = len(terminal.text)
+    time.sleep(0.7)
+    assert len(terminal.text) == after and any("convert" in s for s in terminal.text)
