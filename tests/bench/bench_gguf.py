@@ -9,10 +9,16 @@ token types, chat template), built here once (``build/bench/gguf``) the way llam
   (the guide's rule for every side), Hugging Face and GGUF names: what is left once imports are
   a cost of the process, not of the bake;
 - planning time (parse, name map, plan: what passes before the progress bar counts bytes);
+- the tokenizer files by transformers' route on a sample of the vocabulary spliced to the whole
+  (the bake's) against the route on the whole vocabulary: time, and the files byte for byte;
 - ``from_pretrained(OUT)`` (float bake; packed bake through ``import prebake.cache.hf``) against
   ``from_pretrained(folder, gguf_file=...)`` on the same file, fresh process each, the call alone
   timed (imports and transformers' lazy module loading apart: a tiny model of the class is built
   first); the tokenizer likewise (target: the model >= 50x sooner).
+
+Every call timed in a process of its own, and ``cp``, starts on memory the VM backs
+(:func:`~tests.bench.common.touch_free_memory`); a whole ``prebake`` process cannot, and pays for
+the pages the VM took back while it imported.
 """
 
 from __future__ import annotations
@@ -24,7 +30,16 @@ import sys
 
 import numpy as np
 
-from tests.bench.common import REPEAT, WORK, median, python_timing, run_timed, table
+from tests.bench.common import (
+    REPEAT,
+    TOUCH_SNIPPET,
+    WORK,
+    median,
+    python_timing,
+    run_timed,
+    table,
+    touch_free_memory,
+)
 
 VOCAB, HIDDEN, LAYERS, INTER, HEADS, KV_HEADS = 152_064, 1024, 24, 2816, 8, 2
 BENCH = WORK / "gguf"
@@ -105,28 +120,37 @@ def bench_bake() -> tuple[list, dict]:
     copy = BENCH / "copy.gguf"
     GGUF.read_bytes()  # warm the page cache for every side
     rows, facts = [], {}
-    runs = {"copy": [], "keep": [], "gguf": [], "float": [], "inproc": [], "inproc-gguf": []}
-    for _ in range(REPEAT):
-        # each run starts with no dirty pages of the one before it waiting to be written (a float bake
-        # writes 2.4 GB): os.sync() outside the clock, before every side alike
+    runs = {"copy": [], "keep": [], "gguf": [], "inproc": [], "inproc-gguf": [], "float": []}
+
+    def run(kind: str) -> tuple[float, float]:
+        # each run starts with no dirty pages of the one before it waiting to be written: os.sync()
+        # outside the clock, before every side alike
         copy.unlink(missing_ok=True)
+        shutil.rmtree(BENCH / f"baked-{kind.removesuffix('-gguf')}", ignore_errors=True)
         os.sync()
-        runs["copy"].append(run_timed(["sh", "-c", f'cp --reflink=never "{GGUF}" "{copy}" && sync "{copy}"']))
-        for kind, extra in (("keep", ["--keep-quant"]), ("gguf", ["--keep-quant", "--names", "gguf"]), ("float", [])):
-            out = BENCH / f"baked-{kind}"
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()
-            runs[kind].append(run_timed([prebake, "convert", str(GGUF), str(out), "-q", *extra]))
-        for kind, names in (("inproc", "hf"), ("inproc-gguf", "gguf")):
-            shutil.rmtree(BENCH / "baked-inproc", ignore_errors=True)
-            os.sync()
+        if kind == "copy":
+            touch_free_memory()  # as the calls do before their clock (LOAD)
+            return run_timed(["sh", "-c", f'cp --reflink=never "{GGUF}" "{copy}" && sync "{copy}"'])
+        if kind.startswith("inproc"):
             # the bake as a call, its modules imported first as for the loads (LOAD): what is left is
             # parsing, mapping, the tokenizer and the bytes
             code = LOAD.format(imp="from prebake.convert.bake import convert\nfrom prebake.convert.plan import Options\n"
                                    "import transformers.integrations.gguf",
                                body=f"convert({str(GGUF)!r}, {str(BENCH / 'baked-inproc')!r}, "
-                                    f"Options(keep_quant=True, names={names!r}))")
-            runs[kind].append((python_timing(code)["s"], 0))
+                                    f"Options(keep_quant=True, names={'gguf' if kind.endswith('gguf') else 'hf'!r}))")
+            return python_timing(code)["s"], 0
+        extra = {"keep": ["--keep-quant"], "gguf": ["--keep-quant", "--names", "gguf"], "float": []}[kind]
+        return run_timed([prebake, "convert", str(GGUF), str(BENCH / f"baked-{kind}"), "-q", *extra])
+
+    # the compared runs interleaved, each round in a rotated order (this VM's disk writes back the
+    # previous run's pages at the host's pace: no side always follows the same one); the float bake
+    # (2.4 GB written) in rounds of its own after them
+    kinds = ["copy", "keep", "gguf", "inproc", "inproc-gguf"]
+    for r in range(REPEAT):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            runs[kind].append(run(kind))
+    for _ in range(REPEAT):
+        runs["float"].append(run("float"))
     copy.unlink(missing_ok=True)
     size = GGUF.stat().st_size / 1e9
     for kind, label in (("copy", "cp + sync"), ("keep", "prebake convert --keep-quant"),
@@ -151,7 +175,7 @@ def bench_bake() -> tuple[list, dict]:
 LOAD = ("import json, time, torch, transformers\n{imp}\n"
         "transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(vocab_size=64, hidden_size=64, "
         "intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
-        "start = time.perf_counter()\n{body}\nprint(json.dumps({{'s': time.perf_counter() - start}}))")
+        + TOUCH_SNIPPET + "start = time.perf_counter()\n{body}\nprint(json.dumps({{'s': time.perf_counter() - start}}))")
 LOADERS = {
     "prebake bake: from_pretrained(OUT)": ("", "m = transformers.AutoModelForCausalLM.from_pretrained({out!r})"),
     "prebake --keep-quant bake, packed": ("import prebake.cache.hf",
@@ -176,6 +200,44 @@ def bench_load() -> tuple[list, dict]:
     return rows, times
 
 
+def bench_tokenizer() -> tuple[list, dict]:
+    """The tokenizer files two ways, interleaved, in this process (modules imported first): transformers'
+    route on a sample of the vocabulary spliced to the whole (what a bake does), and the route on the
+    whole vocabulary. Their files are compared byte for byte."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import transformers
+    from prebake.convert import gguf_tokenizer
+    from prebake.formats.gguf_file import open_gguf
+
+    config = transformers.Qwen2Config()
+    times: dict[str, list[float]] = {"sample": [], "whole": []}
+    same = True
+    for _ in range(REPEAT):
+        with tempfile.TemporaryDirectory(dir=BENCH) as tmp:
+            files = {}
+            for kind in times:
+                f, folder = open_gguf(GGUF), Path(tmp) / kind
+                folder.mkdir()
+                start = time.perf_counter()
+                if kind == "sample":
+                    paths = gguf_tokenizer.write_tokenizer(f, config, folder)
+                else:
+                    architecture, tokens, tokenizer_config = gguf_tokenizer.tokenizer_inputs(f)
+                    paths = gguf_tokenizer._route(f, architecture, tokens, tokenizer_config,
+                                                  gguf_tokenizer.tokenizer_class(config), folder / "whole")
+                times[kind].append(time.perf_counter() - start)
+                files[kind] = {p.name: p.read_bytes() for p in paths}
+            same = same and files["sample"] == files["whole"]
+    t = {k: median(v) for k, v in times.items()}
+    rows = [("transformers' route on a sample, spliced to the whole (the bake's)", f"{t['sample']:.2f} s"),
+            ("transformers' route on the whole vocabulary", f"{t['whole']:.2f} s"),
+            ("the files of the two byte-equal", str(same))]
+    return rows, {**t, "same": same}
+
+
 def main() -> None:
     build()
     size = GGUF.stat().st_size / 2**20
@@ -189,6 +251,10 @@ def main() -> None:
           f"{f['copy'] / f['gguf']:.2f}x; the call with its modules imported {f['copy'] / f['inproc']:.2f}x, "
           f"names='gguf' {f['copy'] / f['inproc-gguf']:.2f}x); "
           f"planning (imports, parse, map, plan) {f['plan']:.2f} s")
+    rows, k = bench_tokenizer()
+    print(table(f"tokenizer files of the {vocab}-token vocabulary (median of {REPEAT}, in process)", rows,
+                ("route", "time")))
+    print(f"sample route vs whole route: {k['whole'] / k['sample']:.1f}x sooner; byte-equal: {k['same']}")
     rows, t = bench_load()
     print(table("load (fresh process each; the call alone, imports apart)", rows, ("loader", "time")))
     ours = t["prebake bake: from_pretrained(OUT)"]
@@ -196,7 +262,7 @@ def main() -> None:
     print(f"from_pretrained(OUT) vs transformers' gguf_file route: {theirs / ours:.0f}x sooner (goal >= 50x); packed "
           f"{theirs / t['prebake --keep-quant bake, packed']:.0f}x; tokenizer "
           f"{t['transformers AutoTokenizer(gguf_file=)'] / t['prebake bake: AutoTokenizer(OUT)']:.0f}x")
-    print(json.dumps({"bake": f, "load": t}))
+    print(json.dumps({"bake": f, "tokenizer": k, "load": t}))
 
 
 if __name__ == "__main__":
