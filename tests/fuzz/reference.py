@@ -9,7 +9,10 @@
   the bake's ``gguf_metadata.gguf`` holding every key-value field byte for byte;
 - GGUF baked as a Hugging Face folder: every baked tensor against ``gguf.quants.dequantize`` of
   the GGUF tensor it names as its source, as a multiset of rows (the llama family's Q/K rows are
-  permuted on the way, so row order is not compared).
+  permuted on the way, so row order is not compared); and its tokenizer files against the ones
+  transformers' own GGUF route (``get_gguf_tokenizer``, ``convert_gguf_tokenizer``, the class,
+  ``save_pretrained``) makes of the whole file, byte for byte (prebake's may come from a sample of
+  the vocabulary, spliced).
 
 Each returns ``{"verdict": "equal" | "differs" | "ref-refused" | "no-reference", "why", "detail"}``.
 """
@@ -223,7 +226,40 @@ def gguf_hf_check(src: Path, out: Path) -> dict:
             return _differs("shape", f"{name!r}: bake {tuple(got.shape)}, GGUF {tuple(want.shape)}")
         if _rows(got) != _rows(want):
             return _differs("values", f"{name!r}: values differ from gguf-py's {t.name!r}")
+    if (out / "tokenizer.json").exists():
+        differs = _tokenizer_differs(src, out)
+        if differs:
+            return differs
     return {"verdict": "equal", "detail": f"{len(m.tensors)} tensors"}
+
+
+def _tokenizer_differs(src: Path, out: Path) -> dict | None:
+    """The bake's tokenizer files against transformers' route on the whole file (None: the same)."""
+    import tempfile
+
+    import transformers
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    config = transformers.AutoConfig.from_pretrained(out)
+    cls = TOKENIZER_MAPPING.get(type(config), TokenizersBackend) or TokenizersBackend
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(src))
+            backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+            backend.save(f"{tmp}/backend.json")
+            paths = [Path(p) for p in cls(tokenizer_file=f"{tmp}/backend.json", **tokenizer_config, **extra)
+                     .save_pretrained(f"{tmp}/whole")]
+        except BaseException as e:  # noqa: BLE001  (a Rust panic is a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            return _differs("tokenizer", f"the bake has a tokenizer; transformers' route refuses the file: "
+                                         f"{type(e).__name__}: {e}")
+        for p in paths:
+            if p.is_file() and (not (out / p.name).exists() or (out / p.name).read_bytes() != p.read_bytes()):
+                return _differs("tokenizer", f"{p.name} differs from transformers' route on the whole file")
+    return None
 
 
 def _gguf_values(t, dtype):
