@@ -54,7 +54,7 @@ def write_tokenizer(f: GGUFFile, config, folder: Path) -> list[Path]:
                 pass  # the whole route decides
             else:
                 for name, pieces in texts.items():
-                    with open(folder / name, "w", encoding="utf-8") as out:
+                    with open(folder / name, "w", encoding="utf-8", newline="") as out:
                         out.writelines(pieces)
                 return [folder / name for name in texts]
         paths = _route(f, architecture, tokenizer_dict, tokenizer_config, cls, Path(tmp) / "whole")

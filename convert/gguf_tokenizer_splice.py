@@ -42,14 +42,18 @@ class NotSpliceable(Exception):
 
 def eligible(architecture: str, tokenizer_dict: dict) -> bool:
     """A byte-level BPE that transformers' own dispatch builds with its byte-level builder, its
-    merges given, every token already spelled in the byte alphabet (the builder respells the
-    others: those files take the whole route)."""
+    merges given, every token a string already spelled in the byte alphabet (the builder respells
+    the others: those files take the whole route), every per-token array one item per token."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
 
     tokens, merges = tokenizer_dict.get("tokens"), tokenizer_dict.get("merges")
-    if tokenizer_dict.get("tokenizer_type") != "gpt2" or not tokens or not isinstance(merges, list):
+    if tokenizer_dict.get("tokenizer_type") != "gpt2" or not isinstance(tokens, list) or not tokens \
+            or not isinstance(merges, list) or set(map(type, tokens)) != {str}:
         return False
+    if any(key in tokenizer_dict and not (isinstance(tokenizer_dict[key], list) and len(tokenizer_dict[key]) ==
+                                          len(tokens)) for key in PER_TOKEN):
+        return False  # an array of another length: transformers pairs it with the tokens as zip() does
     try:
         builder = mapping.select_tokenizer_builder(architecture, "gpt2")
     except ValueError:
@@ -75,7 +79,7 @@ def sample_dict(tokenizer_dict: dict, ids: list[int], merges: list[int]) -> dict
     position = {i: j for j, i in enumerate(ids)}
     out = dict(tokenizer_dict)
     for key in PER_TOKEN:
-        if isinstance(out.get(key), list) and len(out[key]) == len(tokenizer_dict["tokens"]):
+        if key in out:  # one item per token (eligible)
             out[key] = [tokenizer_dict[key][i] for i in ids]
     out["merges"] = [tokenizer_dict["merges"][m] for m in merges]
     for key in SPECIAL_IDS:

@@ -166,3 +166,49 @@ def test_sections_escape_as_serde_writes(tmp_path):
     text = (tmp_path / "t.json").read_text()
     assert splice._vocab(tokens, "    ") in text and model["vocab"] == vocab
     assert splice._pairs(merges, "    ") in text
+
+
+def _edited_gguf(path: Path, bpe: Path, **arrays) -> Path:
+    """The trained BPE's GGUF with some tokenizer arrays replaced (as a damaged or odd file holds them)."""
+    src = open_gguf(bpe_gguf(path.with_suffix(".src.gguf"), bpe))
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer.") and key not in arrays:
+            value = field.value()
+            if isinstance(value, list):
+                w.add_array(key, value)
+            elif isinstance(value, str):
+                w.add_string(key, value)
+            elif isinstance(value, bool):
+                w.add_bool(key, value)
+            else:
+                w.add_uint32(key, value)
+    for key, value in arrays.items():
+        w.add_array(key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
+def test_token_types_of_another_length_take_the_whole_route(tmp_path, bpe, small_sample, routes):
+    """transformers pairs types with tokens as zip() does: a sample cut from a shorter array
+    would pair them differently, so such a file takes the whole route."""
+    types = open_gguf(bpe_gguf(tmp_path / "t.gguf", bpe)).fields["tokenizer.ggml.token_type"].value()
+    path = _edited_gguf(tmp_path / "short.gguf", bpe, **{"tokenizer.ggml.token_type": types[:-2]})
+    n = open_gguf(path).fields["tokenizer.ggml.tokens"].count
+    ours = written(path, transformers.Qwen2Config(), tmp_path / "ours")
+    assert routes == [n]
+    assert ours == whole_route(path, transformers.Qwen2Config(), tmp_path / "whole")
+
+
+def test_eligible_only_for_a_listed_byte_level_vocabulary():
+    """What the sample route assumes of its input, checked before any of it is used (a GGUF can
+    hold an array of any item type, and an empty merges array)."""
+    good = {"tokenizer_type": "gpt2", "tokens": ["a", "b", "ab"], "merges": ["a b"], "token_type": [1, 1, 1]}
+    assert splice.eligible("qwen2", good)
+    for bad in ({"tokens": [1, 2, 3], "merges": []}, {"tokens": ["a", 2], "merges": []}, {"token_type": [1, 1]},
+                {"scores": [0.0]}, {"merges": None}, {"tokens": []}, {"tokenizer_type": "llama"},
+                {"tokens": ["a b", "b"], "merges": []}):
+        assert not splice.eligible("qwen2", {**good, **bad}), bad
+    assert not splice.eligible("gemma3", {**good, "tokenizer_type": "llama"})
