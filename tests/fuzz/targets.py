@@ -34,14 +34,23 @@ def load_all(bake: Path) -> int:
     return n
 
 
-def convert_target(**options):
-    """The bake phase of a reader that converts a checkpoint with ``Options(**options)``."""
+def convert_target(tokenizer_sample: tuple[int, int] | None = None, **options):
+    """The bake phase of a reader that converts a checkpoint with ``Options(**options)``.
+
+    ``tokenizer_sample``: (spread tokens, first merges) of a byte-level BPE's sample route, made
+    small so that the seeds' few-hundred-token vocabularies are mostly written by the splice (ids
+    mapped back), which the reference then compares with transformers' whole route.
+    """
 
     def bake(src: Path, out: Path, stage: Stage) -> dict:
         from prebake.convert.bake import convert
         from prebake.convert.plan import Options
         from prebake.formats.integrity import verify
 
+        if tokenizer_sample:
+            from prebake.convert import gguf_tokenizer_splice
+
+            gguf_tokenizer_splice.SPREAD, gguf_tokenizer_splice.FIRST_MERGES = tokenizer_sample
         stage.at("source")
         convert(src, out, Options(**options))
         stage.at("load")
