@@ -34,6 +34,7 @@ SPECIAL_IDS = ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id")
 PER_TOKEN = ("tokens", "token_type", "scores")  # tokenizer_dict keys that hold one item per token
 KEPT_INTS = frozenset({"type_id", "model_max_length"})  # integers that are not token ids
 VOCAB, MERGES = "@@prebake-vocab@@", "@@prebake-merges@@"
+PLAIN_FILES = frozenset({"chat_template.jinja"})  # files of the route that hold no token or id
 
 
 class NotSpliceable(Exception):
@@ -98,8 +99,10 @@ def splice(files: dict[str, str], tokenizer_dict: dict, ids: list[int], merges: 
             out[name] = _tokenizer_json(text, tokenizer_dict, ids, merges)
         elif name.endswith(".json"):
             out[name] = [_config_json(text, ids)]
-        else:
+        elif name in PLAIN_FILES:
             out[name] = [text]
+        else:  # a vocabulary in another form (merges.txt, as transformers 4 saved): not this sample's to copy
+            raise NotSpliceable(f"{name}: a file prebake does not know to be independent of the vocabulary")
     if "tokenizer.json" not in out:
         raise NotSpliceable("no tokenizer.json")
     return out

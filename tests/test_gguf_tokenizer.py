@@ -151,6 +151,8 @@ def test_ids_are_mapped_back_only_where_their_meaning_is_known():
         splice._remap({"added_tokens": [{"id": 3}]}, ids)
     with pytest.raises(splice.NotSpliceable, match="layout"):
         splice._parse('{"a": 1}', indent=2, sort_keys=False, newline="")
+    with pytest.raises(splice.NotSpliceable, match="merges.txt"):  # transformers 4 saved the merges there too
+        splice.splice({"merges.txt": "a b\n"}, {"tokens": ["a", "b", "ab"], "merges": ["a b"]}, [0, 1, 2], [0])
 
 
 def test_sections_escape_as_serde_writes(tmp_path):
