@@ -536,6 +536,16 @@ def interrupt_half_way(total: int):
     return update
 
 
+class _InterruptingProgress:
+    """The CLI's progress factory (called with the total; ``stop()``), interrupting half way."""
+
+    def __call__(self, total: int):
+        return interrupt_half_way(total)
+
+    def stop(self) -> None:
+        pass
+
+
 def many_tensors() -> dict[str, torch.Tensor]:
     return {f"layer{i}.weight": torch.full((32, 32), float(i)) for i in range(8)}
 
@@ -578,7 +588,7 @@ def test_interrupted_cli_says_nothing_was_written(tmp_path, monkeypatch, capsys)
 
     src = save_torch(tmp_path / "model.bin", many_tensors())
     out = tmp_path / "out"
-    monkeypatch.setattr(commands_module, "_progress", lambda args, desc, first=None: interrupt_half_way)
+    monkeypatch.setattr(commands_module, "_progress", lambda args, desc, first=None: _InterruptingProgress())
     assert main(["convert", str(src), str(out)]) == 130
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "interrupted" in err[0]
