@@ -322,8 +322,9 @@ def _decode_strings(view: memoryview, pos: int, count: int, what: str, path: str
     if count >= 64:
         run = np.frombuffer(view, np.uint8, end - pos, pos).copy()
         at = np.asarray(starts, np.int64) - pos
-        keep = np.ones(len(run), bool)
-        keep[(at[:, None] + np.arange(7)).ravel()] = False
+        edges = np.zeros(len(run) + 1, np.int8)  # +1 where a length field starts, -1 seven bytes on
+        edges[at], edges[at + 7] = 1, -1
+        keep = np.cumsum(edges[:-1], dtype=np.int8) == 0  # a byte per byte of the run, whatever the count
         run[at + 7] = 0
         try:
             pieces = run[keep].tobytes().decode("utf-8").split("\x00")
