@@ -137,7 +137,7 @@ def _check_vocabulary(f: GGUFFile, tokens: list, merges: list | None) -> None:
 
 def _merges_join_tokens(vocab: set, merges: list) -> bool:
     """Every merge is ``"a b"`` (one space) with ``a``, ``b`` and ``ab`` in ``vocab``: the check as
-    whole-list string operations (150k merges: 0.05 s, against 0.35 s one by one)."""
+    whole-list string operations (150k merges: 0.2 s, against 0.35 s one by one)."""
     if set(map(type, merges)) != {str} or list(map(str.count, merges, repeat(" "))).count(1) != len(merges):
         return False
     return vocab.issuperset(" ".join(merges).split(" ")) and \
