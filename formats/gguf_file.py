@@ -332,20 +332,19 @@ def _decode_strings(view: memoryview, pos: int, count: int, what: str, path: str
             pieces = []
         if len(pieces) == count + 1:
             return pieces[1:], end
-    return _decode_each(view, pos, count, what, path)
+    return _decode_each(view, starts, end, what, path)
 
 
-def _decode_each(view: memoryview, pos: int, count: int, what: str, path: str) -> tuple[list[str], int]:
+def _decode_each(view: memoryview, starts: list[int], end: int, what: str, path: str) -> tuple[list[str], int]:
+    """The strings whose length fields are at ``starts``, one by one: the first bad one is named."""
     out, unpack = [], _U64.unpack_from
     append = out.append
     try:
-        for _ in range(count):
-            n = unpack(view, pos)[0]
-            append(str(view[pos + 8:pos + 8 + n], "utf-8"))
-            pos += 8 + n
+        for at in starts:
+            append(str(view[at + 8:at + 8 + unpack(view, at)[0]], "utf-8"))
     except UnicodeDecodeError:
         raise FormatError(f"{what} item {len(out)} is not valid UTF-8", path) from None
-    return out, pos
+    return out, end
 
 
 def _utf8(data: memoryview, what: str, path: str) -> str:
