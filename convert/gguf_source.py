@@ -83,8 +83,8 @@ def _hf_source(parsed: GGUFFile, writers: list[Writer]) -> GGUFSource:
                      f"of {layout.model_class.__name__} ({', '.join(layout.missing[:3])}...): from_pretrained "
                      "will initialize them")
     writers = writers + [_config_files(layout)]
-    if has_tokenizer(parsed):
-        writers.append(lambda folder, plan: _durable(write_tokenizer(parsed, layout.config, folder)))
+    if has_tokenizer(parsed):  # first: the longest of them (0.3 s for 152k tokens)
+        writers.insert(0, lambda folder, plan: _durable(write_tokenizer(parsed, layout.config, folder)))
     return GGUFSource(SourceFile(parsed.path, "gguf", tensors, metadata=metadata), writers, HF_BLOCKS_DTYPE, notes)
 
 

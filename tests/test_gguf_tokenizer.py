@@ -209,6 +209,8 @@ def test_eligible_only_for_a_listed_byte_level_vocabulary():
     hold an array of any item type, and an empty merges array)."""
     good = {"tokenizer_type": "gpt2", "tokens": ["a", "b", "ab"], "merges": ["a b"], "token_type": [1, 1, 1]}
     assert splice.eligible("qwen2", good)
+    odd = ["a", "b", "ab", "]", "\\", "^", "-", "Ġ["]  # in the byte alphabet, and special in a regex class
+    assert splice.eligible("qwen2", {**good, "tokens": odd, "token_type": [1] * len(odd)})
     for bad in ({"tokens": [1, 2, 3], "merges": []}, {"tokens": ["a", 2], "merges": []}, {"token_type": [1, 1]},
                 {"scores": [0.0]}, {"merges": None}, {"tokens": []}, {"tokenizer_type": "llama"},
                 {"tokens": ["a b", "b"], "merges": []}):

@@ -135,7 +135,8 @@ def bench_bake() -> tuple[list, dict]:
             # the bake as a call, its modules imported first as for the loads (LOAD): what is left is
             # parsing, mapping, the tokenizer and the bytes
             code = LOAD.format(imp="from prebake.convert.bake import convert\nfrom prebake.convert.plan import Options\n"
-                                   "import transformers.integrations.gguf",
+                                   "import transformers.integrations.gguf, transformers.convert_slow_tokenizer\n"
+                                   "import transformers.models.qwen2.tokenization_qwen2",
                                body=f"convert({str(GGUF)!r}, {str(BENCH / 'baked-inproc')!r}, "
                                     f"Options(keep_quant=True, names={'gguf' if kind.endswith('gguf') else 'hf'!r}))")
             return python_timing(code)["s"], 0
