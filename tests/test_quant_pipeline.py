@@ -317,7 +317,9 @@ def llama8(tmp_path_factory):
 def test_packed_linear_stays_near_the_packed_size(llama8, recipe):
     tmp, activations = llama8
     convert(tmp / "src", tmp / recipe, Options(quant=recipe))
-    grown = _memory_of_one_forward(tmp / "src", tmp / recipe)["total"]
+    # the least of two fresh processes: one process's growth is noisy (q4_k: 23.3-25.2 MB for the same
+    # bake, measured), a retained copy of the weights would show in both
+    grown = min(_memory_of_one_forward(tmp / "src", tmp / recipe)["total"] for _ in range(2))
     m = read_manifest(tmp / recipe)
     packed = sum(t.nbytes for t in m.tensors.values() if t.qtype)
     floats = sum(t.nbytes for t in m.tensors.values() if not t.qtype)  # embeddings (tied head) and norms
