@@ -300,17 +300,11 @@ def _memory_of_one_forward(src, bake) -> dict:
     code = textwrap.dedent(f"""
         import json, os, torch, transformers
         from prebake.cache import load_module
-        bake = os.path.realpath({str(bake)!r}) + "/"
+        from tests.test_load import mapped_resident
         def rss():
             f = dict(l.split(":") for l in open("/proc/self/status"))
-            mapped, mine = 0, False
-            for line in open("/proc/self/smaps"):  # a mapping's line, then its "Key: value kB" lines
-                head = line.split()
-                if not head[0].endswith(":"):
-                    mine = len(head) >= 6 and head[5].startswith(bake)
-                elif head[0] == "Rss:" and mine:
-                    mapped += int(head[1]) * 1024
-            return {{"anon": int(f["RssAnon"].split()[0]) * 1024, "bake": mapped}}
+            return {{"anon": int(f["RssAnon"].split()[0]) * 1024,
+                     "bake": mapped_resident(os.path.realpath({str(bake)!r}) + "/")}}
         cfg = transformers.LlamaConfig.from_pretrained({str(src)!r})
         warm = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=64, hidden_size=64,
             intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
