@@ -14,7 +14,16 @@ from __future__ import annotations
 import shutil
 import sys
 
-from tests.bench.common import REPEAT, WORK, big_checkpoint, median, python_timing, run_timed, table
+from tests.bench.common import (
+    REPEAT,
+    WORK,
+    big_checkpoint,
+    interleaved,
+    median,
+    python_timing,
+    run_timed,
+    table,
+)
 
 # (import, load) per loader: the import is timed apart, a one-time cost of the process
 LOADERS = {
@@ -80,11 +89,9 @@ def bench_load(src, out) -> tuple[list, list]:
         p.read_bytes()  # warm
 
     def timings(table_, after):
-        out_ = {}
-        for k, (imp, body) in table_.items():
-            runs = [python_timing(TIMER.format(imp=imp, body=body.format(**args), after=after)) for _ in range(REPEAT)]
-            out_[k] = (median([r["s"] for r in runs]), median([r["import"] for r in runs]))
-        return out_
+        code = {k: TIMER.format(imp=imp, body=body.format(**args), after=after) for k, (imp, body) in table_.items()}
+        runs = interleaved({k: (lambda c=c: python_timing(c)) for k, c in code.items()})
+        return {k: (median([r["s"] for r in v]), median([r["import"] for r in v])) for k, v in runs.items()}
 
     full = timings(LOADERS, "")
     ttft = timings(FIRST, "float(x.float().sum())")

@@ -22,6 +22,7 @@ from tests.bench.common import (
     WORK,
     big_bake,
     drop_cache,
+    interleaved,
     median,
     python_timing,
     table,
@@ -59,12 +60,12 @@ def small_tensors() -> tuple:
 def timed(cases: dict[str, tuple[str, str]], group=None, drop=None, repeat: int = REPEAT) -> dict[str, float]:
     """Median seconds of each case's body, each run in a fresh process; the cases interleaved
     (one run of each per round), pages of ``drop`` dropped before every run."""
-    samples: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(repeat):
-        for k, (imp, body) in cases.items():
-            if drop is not None:
-                drop_cache(drop)
-            samples[k].append(python_timing(TIMER.format(imp=imp, body=body, enter=enter_code(group)))["s"])
+    def run(imp, body):
+        if drop is not None:
+            drop_cache(drop)
+        return python_timing(TIMER.format(imp=imp, body=body, enter=enter_code(group)))["s"]
+
+    samples = interleaved({k: (lambda imp=imp, body=body: run(imp, body)) for k, (imp, body) in cases.items()}, repeat)
     return {k: median(v) for k, v in samples.items()}
 
 
@@ -79,12 +80,9 @@ def bench_small() -> None:
     cases = {"prebake load_from_manifest": ("from prebake.cache import load_from_manifest as f", f"sd = f({str(out)!r})"),
              "load_file (source)": ("from safetensors.torch import load_file as f", f"sd = f({str(src)!r})"),
              "load_file (bake's shard)": ("from safetensors.torch import load_file as f", f"sd = f({shard!r})")}
-    times = {k: [] for k in cases}
-    for _ in range(max(REPEAT, 5)):  # interleaved
-        for k, (imp, body) in cases.items():
-            times[k].append(python_timing(TIMER.format(imp=imp, body=body, enter=""))["s"])
-    ours = median(times["prebake load_from_manifest"])
-    rows = [(k, f"{median(v) * 1e3:.1f} ms", f"{median(v) / ours:.2f}x") for k, v in times.items()]
+    times = timed(cases, repeat=max(REPEAT, 5))
+    ours = times["prebake load_from_manifest"]
+    rows = [(k, f"{v * 1e3:.1f} ms", f"{v / ours:.2f}x") for k, v in times.items()]
     print(table(f"warm load of {len(m.tensors)} small tensors ({sum(t.nbytes for t in m.tensors.values()) / 2**20:.0f}"
                 f" MiB), fresh process, imports before the clock (median of {max(REPEAT, 5)})", rows,
                 ("loader", "load call", "vs prebake")))

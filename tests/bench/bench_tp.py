@@ -9,7 +9,7 @@ count; the whole file for ``load_file``) and the time, median of REPEAT.
 
 from __future__ import annotations
 
-from tests.bench.common import REPEAT, WORK, big_bake, drop_cache, median, python_timing, table
+from tests.bench.common import REPEAT, WORK, big_bake, drop_cache, interleaved, median, python_timing, table
 
 RANK = """import json, time, torch
 from prebake.cache import load_from_manifest
@@ -36,16 +36,18 @@ def main() -> None:
     cases = {"prebake, --tp-layout 8 bake": (tiled, OURS), "prebake, plain bake": (plain, OURS),
              "load_file + slice": (plain, PEER)}
     size = sum(s.size for s in m.shards)
+
+    def run(bake, body, r):
+        drop_cache(bake)
+        return python_timing(RANK.format(body=body.format(out=str(bake), r=r, shards=shards)))
+
+    samples = interleaved({(name, r): (lambda b=bake, body=body, r=r: run(b, body, r))
+                           for name, (bake, body) in cases.items() for r in (0, 1)})
     rows = []
-    for name, (bake, body) in cases.items():
-        for r in (0, 1):
-            runs = []
-            for _ in range(REPEAT):
-                drop_cache(bake)
-                runs.append(python_timing(RANK.format(body=body.format(out=str(bake), r=r, shards=shards))))
-            read = median([x["bytes"] for x in runs])
-            rows.append((name, r, f"{median([x['s'] for x in runs]):.2f} s", f"{read / 2**20:.0f} MiB",
-                         f"{read / size:.2f}"))
+    for (name, r), runs in samples.items():
+        read = median([x["bytes"] for x in runs])
+        rows.append((name, r, f"{median([x['s'] for x in runs]):.2f} s", f"{read / 2**20:.0f} MiB",
+                     f"{read / size:.2f}"))
     print(table(f"rank loads of {size / 2**30:.2f} GiB, tp_size=2, cold (median of {REPEAT})", rows,
                 ("loader", "rank", "time", "read", "of the model")))
 

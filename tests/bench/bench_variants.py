@@ -19,7 +19,16 @@ import shutil
 
 import torch
 
-from tests.bench.common import REPEAT, WORK, big_checkpoint, drop_cache, median, python_timing, table
+from tests.bench.common import (
+    REPEAT,
+    WORK,
+    big_checkpoint,
+    drop_cache,
+    interleaved,
+    median,
+    python_timing,
+    table,
+)
 
 TOUCH = """
 def touch(sd):
@@ -89,8 +98,8 @@ def main() -> None:
     drop_cache(out)
     for p in out.glob("*.safetensors"):
         p.read_bytes()  # warm, the same way on every run
-    runs = {"first=1;head=no variant": [variant_run(out, "first1") for _ in range(REPEAT)],
-            "full model": [variant_run(out, None) for _ in range(REPEAT)]}
+    runs = interleaved({"first=1;head=no variant": lambda: variant_run(out, "first1"),
+                        "full model": lambda: variant_run(out, None)})
     med = {k: (median([r["s"] for r in v]), median([r["rss"] for r in v])) for k, v in runs.items()}
     full_s, full_rss = med["full model"]
     rows = [(k, f"{s * 1e3:.0f} ms", f"{rss / 2**20:.0f} MiB", f"{rss / full_rss:.3f}", f"{s / full_s:.3f}")
@@ -101,13 +110,11 @@ def main() -> None:
     print(f"first=1;head=no resident memory / full model: {ratio:.3f} (target <= 0.1)")
 
     comp = components(src)
-    times = {}
-    for parallel in (False, True):
-        samples = []
-        for _ in range(REPEAT):
-            drop_cache(comp)
-            samples.append(components_run(comp, parallel))
-        times[parallel] = median(samples)
+    def cold(parallel):
+        drop_cache(comp)
+        return components_run(comp, parallel)
+
+    times = {k: median(v) for k, v in interleaved({False: lambda: cold(False), True: lambda: cold(True)}).items()}
     rows = [("one after another", f"{times[False] * 1e3:.0f} ms", "1.00x"),
             ("parallel threads (3)", f"{times[True] * 1e3:.0f} ms", f"{times[False] / times[True]:.2f}x")]
     print(table(f"three components, cold load + touch (median of {REPEAT})", rows, ("how", "wall time", "speed-up")))

@@ -9,11 +9,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = Path(os.environ.get("PREBAKE_BENCH_DIR", ROOT / "build" / "bench"))
 REPEAT = int(os.environ.get("PREBAKE_BENCH_REPEAT", "5"))
+K = TypeVar("K")
+T = TypeVar("T")
 # Child processes import from compiled bytecode, as an installed package does (these machines
 # set PYTHONDONTWRITEBYTECODE, which makes every import compile its source again: 10-20 ms of
 # prebake's import, more for larger packages, on every side alike).
@@ -76,12 +80,25 @@ def python_timing(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def interleaved(cases: dict[K, Callable[[], T]], repeat: int = REPEAT) -> dict[K, list[T]]:
+    """Each case's ``repeat`` samples, taken one of each case per round, so that the host's slow and
+    fast moments fall on every case alike."""
+    samples: dict[K, list[T]] = {k: [] for k in cases}
+    for _ in range(repeat):
+        for k, run in cases.items():
+            samples[k].append(run())
+    return samples
+
+
 def drop_cache(path: Path) -> None:
-    """Drops a file's (or a folder's files') pages from the page cache."""
+    """Drops a file's (or a folder's files') pages from the page cache: written back first, since
+    DONTNEED leaves dirty pages cached (a bake made just before would start half warm, its
+    writeback running into the timed read)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
