@@ -18,10 +18,11 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
-from tests.bench.common import REPEAT, WORK, median, python_timing, table
+from tests.bench.common import REPEAT, WORK, interleaved, median, python_timing, table
 
 DTYPES = ["bfloat16", "float16", "float32"]
 SIZE = 256 << 20
@@ -62,22 +63,19 @@ def files(bake: Path) -> list[Path]:
     return sorted(p for p in bake.rglob("*") if p.is_file())
 
 
-def timed(fn, before=lambda: None, cpu: list | None = None) -> float:
-    """Median wall time of REPEAT calls of ``fn``, each after an untimed ``before``.
+def timed(cases: dict[str, tuple[Callable[[], object], Callable[[], object]]]) -> dict[str, tuple[float, float]]:
+    """Each case's (fn, before): the median wall time and median CPU time (user + system, every
+    thread) of REPEAT calls of ``fn``, each after an untimed ``before``; the cases interleaved.
+    CPU time, unlike wall time, hardly moves when other processes share the machine."""
 
-    ``cpu``, if given, receives the median CPU time (user + system, every thread) of the calls:
-    unlike wall time, it hardly moves when other processes share the machine.
-    """
-    times, cpus = [], []
-    for _ in range(REPEAT):
+    def once(fn, before) -> tuple[float, float]:
         before()
         start, used = time.perf_counter(), _cpu()
         fn()
-        times.append(time.perf_counter() - start)
-        cpus.append(_cpu() - used)
-    if cpu is not None:
-        cpu.append(median(cpus))
-    return median(times)
+        return time.perf_counter() - start, _cpu() - used
+
+    runs = interleaved({k: (lambda fn=fn, before=before: once(fn, before)) for k, (fn, before) in cases.items()})
+    return {k: (median([w for w, _ in v]), median([c for _, c in v])) for k, v in runs.items()}
 
 
 def _cpu() -> float:
@@ -92,24 +90,37 @@ def plain_zstd():
     return mock.patch.dict(archive.DTYPE_LAYOUTS, clear=True)
 
 
-def bench_pipeline(bake: Path, raw: int, planes: bool) -> dict:
+def bench_pipelines(bake: Path, raw: int) -> dict[str, dict]:
+    """prebake's archive ("ours": byte planes) and plain zstd ("plain"), run by run side by side:
+    pack and unpack on tmpfs, unpack onto the bench disk against a copy of the raw bake, and the
+    time to a usable bake through the throttled stream against copying the raw bake through it."""
     from prebake.convert.pack import pack, unpack
 
-    arc, out, disk_out = SHM / "prebake-bench.pbk", SHM / "prebake-bench-out", WORK / "archive" / "out"
-    cpu: list[float] = []
-    with contextlib.nullcontext() if planes else plain_zstd():
-        pack_s = timed(lambda: pack(bake, arc, level=LEVEL, threads=THREADS), lambda: arc.unlink(missing_ok=True),
-                       cpu)
-    size = arc.stat().st_size
-    unpack_s = timed(lambda: unpack(arc, out, threads=THREADS), lambda: reset(out), cpu)
-    disk_s = timed(lambda: unpack(arc, disk_out, threads=THREADS), lambda: reset(disk_out))
-    result = {"ratio": size / raw, "pack": raw / pack_s / 1e6, "unpack": raw / unpack_s / 1e6,
-              "disk": raw / disk_s / 1e6, "pack_cpu": cpu[0] / raw * 1e9, "unpack_cpu": cpu[1] / raw * 1e9}
-    if planes:
-        result["stream"] = timed(lambda: stream_unpack(arc, out), lambda: reset(out))
-        result["stream_ideal"] = size / RATE
-    reset(out, disk_out)
-    arc.unlink(missing_ok=True)
+    kinds = {"ours": contextlib.nullcontext, "plain": plain_zstd}
+    arc = {k: SHM / f"prebake-bench-{k}.pbk" for k in kinds}
+    out = {k: SHM / f"prebake-bench-out-{k}" for k in kinds}
+    disk = {k: WORK / "archive" / f"out-{k}" for k in (*kinds, "copy")}
+
+    def packed(k):
+        with kinds[k]():
+            pack(bake, arc[k], level=LEVEL, threads=THREADS)
+
+    pack_t = timed({k: (lambda k=k: packed(k), lambda k=k: arc[k].unlink(missing_ok=True)) for k in kinds})
+    unpack_t = timed({k: (lambda k=k: unpack(arc[k], out[k], threads=THREADS), lambda k=k: reset(out[k]))
+                      for k in kinds})
+    disk_t = timed({**{k: (lambda k=k: unpack(arc[k], disk[k], threads=THREADS), lambda k=k: reset(disk[k]))
+                       for k in kinds},
+                    "copy": (lambda: copy_raw(bake, disk["copy"]), lambda: reset(disk["copy"]))})
+    stream_t = timed({"ours": (lambda: stream_unpack(arc["ours"], out["ours"]), lambda: reset(out["ours"])),
+                      "copy": (lambda: stream_copy(bake, disk["copy"]), lambda: reset(disk["copy"]))})
+    result = {k: {"ratio": arc[k].stat().st_size / raw, "pack": raw / pack_t[k][0] / 1e6,
+                  "unpack": raw / unpack_t[k][0] / 1e6, "disk": raw / disk_t[k][0] / 1e6,
+                  "pack_cpu": pack_t[k][1] / raw * 1e9, "unpack_cpu": unpack_t[k][1] / raw * 1e9} for k in kinds}
+    result["ours"].update(stream=stream_t["ours"][0], stream_ideal=arc["ours"].stat().st_size / RATE)
+    result["copy"] = {"disk": raw / disk_t["copy"][0] / 1e6, "stream": stream_t["copy"][0]}
+    reset(*out.values(), *disk.values())
+    for a in arc.values():
+        a.unlink(missing_ok=True)
     return result
 
 
@@ -207,23 +218,15 @@ def zipnn_installed() -> bool:
     return True
 
 
-def bench_copies(bake: Path, raw: int) -> dict:
-    """The raw bake copied onto disk (fsync'd), and through the throttled stream."""
-    out = WORK / "archive" / "copy"
-    copy_s = timed(lambda: copy_raw(bake, out), lambda: reset(out))
-    stream_s = timed(lambda: stream_copy(bake, out), lambda: reset(out))
-    reset(out)
-    return {"disk": raw / copy_s / 1e6, "stream": stream_s}
-
-
 def main() -> None:
     rows: dict[str, list] = {"ratio": [], "speed": [], "cpu": [], "disk": [], "stream": []}
     notes = []
     for dtype in DTYPES:
         bake = make_bake(dtype)
         raw = sum(p.stat().st_size for p in files(bake))
-        ours, plain = bench_pipeline(bake, raw, planes=True), bench_pipeline(bake, raw, planes=False)
-        zn, copy = bench_zipnn(bake, dtype), bench_copies(bake, raw)
+        measured = bench_pipelines(bake, raw)
+        ours, plain, copy = measured["ours"], measured["plain"], measured["copy"]
+        zn = bench_zipnn(bake, dtype)
         z = {k: (f"{zn[k]:.3f}" if k == "ratio" else f"{zn[k]:.0f}") if zn else "-" for k in ("ratio", "pack", "unpack")}
         rows["ratio"].append((dtype, f"{raw / 2**20:.0f} MiB", f"{ours['ratio']:.3f}", f"{plain['ratio']:.3f}",
                               z["ratio"]))
