@@ -34,6 +34,7 @@ from tests.bench.common import (
     REPEAT,
     TOUCH_SNIPPET,
     WORK,
+    interleaved,
     median,
     python_timing,
     run_timed,
@@ -120,7 +121,6 @@ def bench_bake() -> tuple[list, dict]:
     copy = BENCH / "copy.gguf"
     GGUF.read_bytes()  # warm the page cache for every side
     rows, facts = [], {}
-    runs = {"copy": [], "keep": [], "gguf": [], "inproc": [], "inproc-gguf": [], "float": []}
 
     def run(kind: str) -> tuple[float, float]:
         # each run starts with no dirty pages of the one before it waiting to be written: os.sync()
@@ -143,15 +143,10 @@ def bench_bake() -> tuple[list, dict]:
         extra = {"keep": ["--keep-quant"], "gguf": ["--keep-quant", "--names", "gguf"], "float": []}[kind]
         return run_timed([prebake, "convert", str(GGUF), str(BENCH / f"baked-{kind}"), "-q", *extra])
 
-    # the compared runs interleaved, each round in a rotated order (this VM's disk writes back the
-    # previous run's pages at the host's pace: no side always follows the same one); the float bake
-    # (2.4 GB written) in rounds of its own after them
-    kinds = ["copy", "keep", "gguf", "inproc", "inproc-gguf"]
-    for r in range(REPEAT):
-        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
-            runs[kind].append(run(kind))
-    for _ in range(REPEAT):
-        runs["float"].append(run("float"))
+    # the compared runs interleaved in rotated rounds; the float bake (2.4 GB written) in rounds of
+    # its own after them
+    runs = interleaved({kind: (lambda k=kind: run(k)) for kind in ("copy", "keep", "gguf", "inproc", "inproc-gguf")})
+    runs["float"] = [run("float") for _ in range(REPEAT)]
     copy.unlink(missing_ok=True)
     size = GGUF.stat().st_size / 1e9
     for kind, label in (("copy", "cp + sync"), ("keep", "prebake convert --keep-quant"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from tests.bench.common import big_bake, drop_cache, interleaved, median, python_timing, table
+from tests.bench.common import big_bake, interleaved, median, python_timing, table
 from tests.bench.throttle import enter_code, make, readahead
 
 BPS = 150 * 10**6
@@ -51,13 +51,11 @@ def main() -> None:
 
 
 def scenario(out, m, shards, group, note: str) -> None:
-    def cold(body):
-        drop_cache(out)
-        code = (f"import json, time, torch\n{enter_code(group)}{TOUCH}t = time.perf_counter()\n"
+    code = {k: (f"import json, time, torch\n{enter_code(group)}{TOUCH}t = time.perf_counter()\n"
                 f"{body.format(out=str(out), shards=shards)}print(json.dumps({{'s': time.perf_counter() - t}}))")
-        return python_timing(code)["s"]
-
-    times = {k: median(v) for k, v in interleaved({k: (lambda b=b: cold(b)) for k, b in RUNS.items()}, REPEAT).items()}
+            for k, body in RUNS.items()}
+    runs = interleaved({k: (lambda c=c: python_timing(c, drop=out)["s"]) for k, c in code.items()}, REPEAT)
+    times = {k: median(v) for k, v in runs.items()}
     seq = times["sequential read (8 MiB blocks)"]
     size = sum(s.size for s in m.shards)
     rows = [(k, f"{v:.2f} s", f"{size / v / 1e6:.0f} MB/s", f"{v / seq:.2f}x") for k, v in times.items()]

@@ -21,7 +21,6 @@ from tests.bench.common import (
     REPEAT,
     WORK,
     big_bake,
-    drop_cache,
     interleaved,
     median,
     python_timing,
@@ -60,12 +59,8 @@ def small_tensors() -> tuple:
 def timed(cases: dict[str, tuple[str, str]], group=None, drop=None, repeat: int = REPEAT) -> dict[str, float]:
     """Median seconds of each case's body, each run in a fresh process; the cases interleaved
     (one run of each per round), pages of ``drop`` dropped before every run."""
-    def run(imp, body):
-        if drop is not None:
-            drop_cache(drop)
-        return python_timing(TIMER.format(imp=imp, body=body, enter=enter_code(group)))["s"]
-
-    samples = interleaved({k: (lambda imp=imp, body=body: run(imp, body)) for k, (imp, body) in cases.items()}, repeat)
+    code = {k: TIMER.format(imp=imp, body=body, enter=enter_code(group)) for k, (imp, body) in cases.items()}
+    samples = interleaved({k: (lambda c=c: python_timing(c, drop=drop)["s"]) for k, c in code.items()}, repeat)
     return {k: median(v) for k, v in samples.items()}
 
 

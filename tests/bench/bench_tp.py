@@ -9,7 +9,7 @@ count; the whole file for ``load_file``) and the time, median of REPEAT.
 
 from __future__ import annotations
 
-from tests.bench.common import REPEAT, WORK, big_bake, drop_cache, interleaved, median, python_timing, table
+from tests.bench.common import REPEAT, WORK, big_bake, interleaved, median, python_timing, table
 
 RANK = """import json, time, torch
 from prebake.cache import load_from_manifest
@@ -36,13 +36,9 @@ def main() -> None:
     cases = {"prebake, --tp-layout 8 bake": (tiled, OURS), "prebake, plain bake": (plain, OURS),
              "load_file + slice": (plain, PEER)}
     size = sum(s.size for s in m.shards)
-
-    def run(bake, body, r):
-        drop_cache(bake)
-        return python_timing(RANK.format(body=body.format(out=str(bake), r=r, shards=shards)))
-
-    samples = interleaved({(name, r): (lambda b=bake, body=body, r=r: run(b, body, r))
-                           for name, (bake, body) in cases.items() for r in (0, 1)})
+    code = {(name, r): (RANK.format(body=body.format(out=str(bake), r=r, shards=shards)), bake)
+            for name, (bake, body) in cases.items() for r in (0, 1)}
+    samples = interleaved({k: (lambda c=c, b=b: python_timing(c, drop=b)) for k, (c, b) in code.items()})
     rows = []
     for (name, r), runs in samples.items():
         read = median([x["bytes"] for x in runs])

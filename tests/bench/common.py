@@ -72,8 +72,11 @@ def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return wall, peak[0]
 
 
-def python_timing(code: str) -> dict:
-    """Runs ``code`` in a fresh interpreter; it must print one JSON object as its last line."""
+def python_timing(code: str, drop: Path | None = None) -> dict:
+    """Runs ``code`` in a fresh interpreter; it must print one JSON object as its last line.
+    ``drop``: a file or folder whose pages are dropped from the page cache first (a cold run)."""
+    if drop is not None:
+        drop_cache(drop)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
@@ -82,11 +85,14 @@ def python_timing(code: str) -> dict:
 
 def interleaved(cases: dict[K, Callable[[], T]], repeat: int = REPEAT) -> dict[K, list[T]]:
     """Each case's ``repeat`` samples, taken one of each case per round, so that the host's slow and
-    fast moments fall on every case alike."""
+    fast moments fall on every case alike; each round in a rotated order, so that no case always
+    follows the same one (this VM makes a run pay for what the one before it left: pages to write
+    back, memory freed to the host)."""
     samples: dict[K, list[T]] = {k: [] for k in cases}
-    for _ in range(repeat):
-        for k, run in cases.items():
-            samples[k].append(run())
+    keys = list(cases)
+    for r in range(repeat):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            samples[k].append(cases[k]())
     return samples
 
 
